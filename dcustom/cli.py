@@ -1,0 +1,155 @@
+"""`dcustom` command line. Heavy imports (torch, diffusers, gradio) happen inside commands."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from dcustom.errors import DcustomError
+
+app = typer.Typer(
+    help="dcustom: customize text-to-image diffusion models (LoRA/OFT/BOFT, textual inversion, "
+    "training-free style transfer).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Print and check YAML configs.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+SET_HELP = "Dotted override, e.g. --set optimizer.lr=1e-4 (repeatable)."
+
+
+def fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(None, "--prompt", "-p", help="What to draw."),
+    model: str = typer.Option(None, "--model", "-m", help="builtin:toy, tiny:sd15|sd2|sdxl, a folder, a checkpoint file or a hub id."),
+    negative_prompt: str = typer.Option(None, "--negative-prompt", "-n"),
+    steps: int = typer.Option(None, "--steps"),
+    guidance: float = typer.Option(None, "--guidance", "--cfg"),
+    seed: int = typer.Option(None, "--seed", help="Seed of the first image; image i uses seed+i."),
+    width: int = typer.Option(None, "--width"),
+    height: int = typer.Option(None, "--height"),
+    count: int = typer.Option(None, "--count", "-c"),
+    scheduler: str = typer.Option(None, "--scheduler", help="default, ddim, dpmpp_2m, dpmpp_2m_karras, euler, euler_a, pndm, lms, unipc, heun."),
+    output_dir: str = typer.Option(None, "--output-dir", "-o"),
+    device: str = typer.Option(None, "--device"),
+    dtype: str = typer.Option(None, "--dtype"),
+    config: Optional[Path] = typer.Option(None, "--config", help="A generate YAML (see `dcustom config print generate`)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+):
+    """Generate images; writes PNGs with their parameters in PNG text metadata and prints the paths."""
+    from dcustom.config import load_config
+    from dcustom.generate_config import GenerateConfig
+
+    flags = dict(prompt=prompt, model=model, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+                 seed=seed, width=width, height=height, count=count, scheduler=scheduler,
+                 output_dir=output_dir, device=device, dtype=dtype)
+    try:
+        cfg = load_config(GenerateConfig, config, overrides=list(set_) + overrides_as_yaml_strings(flags))
+    except DcustomError as exc:
+        fail(str(exc))
+    from dcustom.generate import generate as run_generate
+    from dcustom.models import load_pipeline
+    from dcustom.progress import step_progress
+
+    try:
+        typer.echo(f"loading {cfg.model} ...", err=True)
+        pipe = load_pipeline(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        with step_progress(f"generating {cfg.count} image(s)", cfg.steps) as on_step:
+            paths = run_generate(cfg, pipe=pipe, on_step=on_step)
+    except DcustomError as exc:
+        fail(str(exc))
+    for p in paths:
+        typer.echo(str(p))
+
+
+def overrides_as_yaml_strings(flags: dict) -> list[str]:
+    """CLI flags as overrides; strings are quoted so YAML never re-types a prompt like 'yes'."""
+    import json
+
+    return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in flags.items() if v is not None]
+
+
+@app.command()
+def train(
+    method: str = typer.Argument(..., help="Method id, e.g. lora, oft, boft, textual_inversion."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (see `dcustom config print <method>`)."),
+    set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+):
+    """Train an adapter, embedding or edit from a YAML config plus overrides."""
+    from dcustom.config import load_config
+    from dcustom.registry import get_method
+
+    try:
+        spec = get_method(method, kind="train")
+        cfg = load_config(spec.config_class(), config, overrides=set_)
+        if getattr(cfg, "method", method) != method:
+            raise DcustomError(f"{config}: method {cfg.method!r} does not match the command's method {method!r}.")
+        result = spec.implementation()(cfg)
+    except DcustomError as exc:
+        fail(str(exc))
+    if result is not None:
+        typer.echo(str(result))
+
+
+@config_app.command("print")
+def config_print(name: str = typer.Argument(..., help="Method id, e.g. generate or lora.")):
+    """Print the commented YAML of a method's defaults."""
+    from dcustom.config import to_yaml
+    from dcustom.registry import get_method
+
+    try:
+        spec = get_method(name)
+    except DcustomError as exc:
+        fail(str(exc))
+    typer.echo(to_yaml(spec.config_class()(), comments=True), nl=False)
+
+
+@config_app.command("check")
+def config_check(path: Path = typer.Argument(..., help="A YAML config with a 'method:' key.")):
+    """Validate a YAML config against its method's schema."""
+    from dcustom.config import load_config, read_yaml
+    from dcustom.registry import get_method
+
+    try:
+        data = read_yaml(path)
+        if "method" not in data:
+            raise DcustomError(f"{path}: has no 'method:' key naming what it configures.")
+        load_config(get_method(str(data["method"])).config_class(), path)
+    except DcustomError as exc:
+        fail(str(exc))
+    typer.echo(f"{path}: ok")
+
+
+@app.command()
+def env():
+    """Versions, accelerators, attention backend and optional extras present."""
+    from dcustom.environment import describe_environment
+
+    for key, value in describe_environment().items():
+        typer.echo(f"{key:24s} {value}")
+
+
+def main():
+    import os
+
+    # Library chatter at import time (e.g. torchvision fallbacks) is noise for CLI users.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        app()
+    except DcustomError as exc:  # errors raised outside a command's own handling
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Model families: everything family-specific lives in one small description per family.
+
+Trainers and hooks ask the family which text encoders exist, which attention layers a preset
+selects and which extra conditioning the UNet needs, so a new family (SD3, FLUX) is one more entry
+here rather than an edit in every trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # "sd1", "sd2", "sdxl"
+    label: str
+    text_encoders: tuple[str, ...]  # pipeline attribute names
+    tokenizers: tuple[str, ...]
+    micro_conditioning: bool  # SDXL add_time_ids / pooled text embeds
+    default_resolution: int
+    # Named regexes over `unet.attn_processors` keys, used by training-free hooks.
+    layer_presets: dict[str, str] = field(default_factory=dict)
+
+
+_SD_PRESETS = {
+    "all_self": r".*attn1\.processor$",
+    "all_cross": r".*attn2\.processor$",
+    # StyleID injects into the late decoder self-attention (the last up blocks).
+    "decoder_self": r"^up_blocks\.[1-9]\d*\..*attn1\.processor$",
+    "decoder_self_late": r"^up_blocks\.([2-9]|\d\d+)\..*attn1\.processor$",
+    "mid_and_decoder_self": r"^(mid_block|up_blocks)\..*attn1\.processor$",
+}
+
+FAMILIES: dict[str, Family] = {
+    "sd1": Family("sd1", "Stable Diffusion 1.x", ("text_encoder",), ("tokenizer",), False, 512, dict(_SD_PRESETS)),
+    "sd2": Family("sd2", "Stable Diffusion 2.x", ("text_encoder",), ("tokenizer",), False, 768, dict(_SD_PRESETS)),
+    "sdxl": Family(
+        "sdxl",
+        "Stable Diffusion XL",
+        ("text_encoder", "text_encoder_2"),
+        ("tokenizer", "tokenizer_2"),
+        True,
+        1024,
+        {
+            **_SD_PRESETS,
+            # SDXL has two up blocks with attention; the late decoder is the second one.
+            "decoder_self_late": r"^up_blocks\.1\..*attn1\.processor$",
+        },
+    ),
+}
+
+
+def detect_family(pipe) -> Family:
+    """Family of a loaded diffusers pipeline, from its components (not its class name alone)."""
+    if getattr(pipe, "text_encoder_2", None) is not None or "XL" in type(pipe).__name__:
+        return FAMILIES["sdxl"]
+    cross_dim = getattr(pipe.unet.config, "cross_attention_dim", 768)
+    if isinstance(cross_dim, (list, tuple)):
+        cross_dim = cross_dim[0]
+    # SD2.x uses OpenCLIP ViT-H (1024-d, gelu), SD1.x CLIP ViT-L (768-d, quick_gelu).
+    text_act = getattr(getattr(pipe.text_encoder, "config", None), "hidden_act", "quick_gelu")
+    if cross_dim == 1024 or text_act == "gelu":
+        return FAMILIES["sd2"]
+    return FAMILIES["sd1"]
+
+
+def prediction_type(pipe) -> str:
+    """"epsilon", "v_prediction" or "sample", as the scheduler config says."""
+    return getattr(pipe.scheduler.config, "prediction_type", "epsilon")

@@ -1,0 +1,110 @@
+"""Text-to-image generation: the demo's main job, shared by the CLI and the UI."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Callable, Optional
+
+from dcustom.generate_config import GenerateConfig
+
+SCHEDULER_CLASSES = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+}
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the pipeline's sampler, keeping its trained noise schedule and prediction type."""
+    if name == "default":
+        return
+    import diffusers
+
+    cls_name, extra = SCHEDULER_CLASSES[name]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
+
+
+def a1111_parameters(cfg: GenerateConfig, seed: int, width: int, height: int) -> str:
+    """The 'parameters' PNG text A1111/Forge and many viewers read back."""
+    lines = [cfg.prompt]
+    if cfg.negative_prompt:
+        lines.append(f"Negative prompt: {cfg.negative_prompt}")
+    lines.append(
+        f"Steps: {cfg.steps}, Sampler: {cfg.scheduler}, CFG scale: {cfg.guidance}, Seed: {seed}, "
+        f"Size: {width}x{height}, Model: {cfg.model}"
+    )
+    return "\n".join(lines)
+
+
+def _next_index(folder: Path) -> int:
+    taken = [int(p.name.split("-", 1)[0]) for p in folder.glob("*.png") if p.name.split("-", 1)[0].isdigit()]
+    return max(taken, default=-1) + 1
+
+
+def save_png(image, path: Path, text: dict[str, str]) -> Path:
+    """Write a PNG with text chunks, atomically (temp name, then rename)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    tmp = path.with_name("." + path.name + ".tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+    return path
+
+
+def run_pipeline(pipe, cfg: GenerateConfig, seeds: list[int], on_step: Optional[Callable[[int, int], None]] = None, **extra):
+    """Call a diffusers pipeline for `seeds` (one image each); returns PIL images."""
+    import torch
+
+    device = pipe.device
+    gen_device = "cpu" if device.type == "mps" else device
+    generators = [torch.Generator(device=gen_device).manual_seed(s) for s in seeds]
+    kwargs = dict(
+        prompt=[cfg.prompt] * len(seeds),
+        negative_prompt=[cfg.negative_prompt] * len(seeds) if cfg.negative_prompt else None,
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance,
+        generator=generators,
+        width=cfg.width,
+        height=cfg.height,
+    )
+    if on_step is not None:
+        def callback(_pipe, step, _t, tensors):
+            on_step(step + 1, cfg.steps)
+            return tensors
+
+        kwargs["callback_on_step_end"] = callback
+    kwargs.update(extra)
+    with torch.inference_mode():
+        return pipe(**kwargs).images
+
+
+def generate(cfg: GenerateConfig, pipe=None, on_step: Optional[Callable[[int, int], None]] = None) -> list[Path]:
+    """Generate `cfg.count` images and write them as PNGs with their parameters; returns the paths."""
+    from dcustom.models import load_pipeline
+
+    if pipe is None:
+        pipe = load_pipeline(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    set_scheduler(pipe, cfg.scheduler)
+    base_seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31 - cfg.count)
+    seeds = [base_seed + i for i in range(cfg.count)]
+    images = run_pipeline(pipe, cfg, seeds, on_step=on_step)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    index = _next_index(out)
+    paths = []
+    for i, (image, seed) in enumerate(zip(images, seeds)):
+        params = {**{k: v for k, v in vars(cfg).items()}, "seed": seed, "width": image.width, "height": image.height}
+        text = {"parameters": a1111_parameters(cfg, seed, image.width, image.height), "dcustom": json.dumps(params)}
+        paths.append(save_png(image, out / f"{index + i:05d}-{seed}.png", text))
+    return paths

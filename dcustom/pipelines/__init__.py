@@ -1,0 +1,1 @@
+"""Training-free modules that hook stock diffusers pipelines."""

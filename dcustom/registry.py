@@ -1,0 +1,47 @@
+"""Method id -> (config class, implementation): one explicit dict, torch-free.
+
+Ids are snake_case and identical everywhere: CLI sub-command, YAML `method:`, this key, the
+trainer's folder, its test file and `configs/<id>.yaml`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from dcustom.errors import DcustomError
+
+
+@dataclass(frozen=True)
+class Method:
+    id: str
+    kind: str  # "generate", "train", "style", "recipe"
+    config: str  # "module:ConfigClass"
+    run: str  # "module:function(config, ...)"
+    summary: str
+
+    def config_class(self):
+        module, name = self.config.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def implementation(self):
+        module, name = self.run.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+METHODS: dict[str, Method] = {
+    "generate": Method("generate", "generate", "dcustom.generate_config:GenerateConfig", "dcustom.generate:generate",
+                       "Text-to-image generation with optional adapters."),
+}
+
+
+def get_method(method_id: str, kind: str | None = None) -> Method:
+    candidates = {k: m for k, m in METHODS.items() if kind is None or m.kind == kind}
+    if method_id not in candidates:
+        what = f"{kind} method" if kind else "method"
+        raise DcustomError(f"{what} {method_id!r} is not known; accepted: {', '.join(candidates)}.")
+    return candidates[method_id]
+
+
+def methods_of_kind(kind: str) -> list[str]:
+    return [k for k, m in METHODS.items() if m.kind == kind]

@@ -1,0 +1,72 @@
+"""Write a real `CLIPTokenizer` from a small word list (no download).
+
+CLIP's tokenizer is byte-level BPE: every byte maps to a printable unicode character, words end in
+"</w>", and merges build longer tokens. Giving each known word a chain of merges makes it a single
+token; any other text still tokenizes, character by character, so the tokenizer never fails.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+START, END = "<|startoftext|>", "<|endoftext|>"
+
+
+def _byte_to_char() -> dict[int, str]:
+    """The reversible byte -> printable character table used by byte-level BPE."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _word_merges(word: str, table: dict[int, str]) -> list[tuple[str, str]]:
+    symbols = [table[b] for b in word.encode("utf-8")]
+    symbols[-1] += "</w>"
+    merges, current = [], symbols[0]
+    for nxt in symbols[1:]:
+        merges.append((current, nxt))
+        current += nxt
+    return merges
+
+
+def write_clip_tokenizer(words, out_dir: str | Path, model_max_length: int = 77) -> Path:
+    """Write vocab.json, merges.txt and tokenizer config for a CLIP tokenizer knowing `words`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = _byte_to_char()
+    base = list(table.values())
+    vocab_list = base + [c + "</w>" for c in base]
+    merges: list[tuple[str, str]] = []
+    seen = set(vocab_list)
+    for word in sorted({w.lower() for w in words if re.fullmatch(r"[a-z0-9<>\-_]+", w.lower())}):
+        for a, b in _word_merges(word, table):
+            if (a, b) in merges:
+                continue
+            merges.append((a, b))
+            if a + b not in seen:
+                seen.add(a + b)
+                vocab_list.append(a + b)
+    vocab_list += [START, END]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    return out
+
+
+def build_clip_tokenizer(words, out_dir: str | Path, model_max_length: int = 77):
+    """A `CLIPTokenizer` over `words`, saved in `out_dir` in the standard layout."""
+    from transformers import CLIPTokenizer
+
+    out = write_clip_tokenizer(words, out_dir, model_max_length)
+    # from_pretrained reads vocab.json + merges.txt in every transformers version (4.x and 5.x).
+    tok = CLIPTokenizer.from_pretrained(str(out), model_max_length=model_max_length, pad_token=END)
+    tok.save_pretrained(str(out))
+    return tok
