@@ -20,6 +20,10 @@ app = typer.Typer(
 config_app = typer.Typer(help="Print and check YAML configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
+from dcustom.commands import eval as _eval_commands  # noqa: E402  (torch-free)
+
+app.add_typer(_eval_commands.app, name="eval")
+
 SET_HELP = "Dotted override, e.g. --set optimizer.lr=1e-4 (repeatable)."
 
 
