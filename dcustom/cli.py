@@ -36,6 +36,7 @@ def fail(message: str) -> None:
 def generate(
     prompt: str = typer.Option(None, "--prompt", "-p", help="What to draw."),
     model: str = typer.Option(None, "--model", "-m", help="builtin:toy, tiny:sd15|sd2|sdxl, a folder, a checkpoint file or a hub id."),
+    model_config: str = typer.Option(None, "--model-config", help="For a single-file model offline: a local diffusers folder of the same family."),
     negative_prompt: str = typer.Option(None, "--negative-prompt", "-n"),
     steps: int = typer.Option(None, "--steps"),
     guidance: float = typer.Option(None, "--guidance", "--cfg"),
@@ -54,7 +55,7 @@ def generate(
     from dcustom.config import load_config
     from dcustom.generate_config import GenerateConfig
 
-    flags = dict(prompt=prompt, model=model, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+    flags = dict(prompt=prompt, model=model, model_config=model_config, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                  seed=seed, width=width, height=height, count=count, scheduler=scheduler,
                  output_dir=output_dir, device=device, dtype=dtype)
     try:
@@ -67,7 +68,7 @@ def generate(
 
     try:
         typer.echo(f"loading {cfg.model} ...", err=True)
-        pipe = load_pipeline(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        pipe = load_pipeline(cfg.model, dtype=cfg.dtype, device=cfg.device, config=cfg.model_config)
         with step_progress(f"generating {cfg.count} image(s)", cfg.steps) as on_step:
             paths = run_generate(cfg, pipe=pipe, on_step=on_step)
     except DcustomError as exc:

@@ -94,7 +94,7 @@ def generate(cfg: GenerateConfig, pipe=None, on_step: Optional[Callable[[int, in
     from dcustom.models import load_pipeline
 
     if pipe is None:
-        pipe = load_pipeline(cfg.model, dtype=cfg.dtype, device=cfg.device)
+        pipe = load_pipeline(cfg.model, dtype=cfg.dtype, device=cfg.device, config=cfg.model_config)
     set_scheduler(pipe, cfg.scheduler)
     base_seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31 - cfg.count)
     seeds = [base_seed + i for i in range(cfg.count)]
