@@ -1,0 +1,54 @@
+"""The adapter library: one folder per adapter under <data>/adapters, applied to pipelines by name."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from dcustom.app.paths import AppPaths, safe_name
+from dcustom.errors import DcustomError
+
+
+@dataclass
+class AdapterEntry:
+    name: str
+    folder: Path
+    files: list  # relative paths of the .safetensors files
+
+
+def list_adapters(paths: AppPaths) -> list[AdapterEntry]:
+    out = []
+    for folder in sorted(paths.adapters.iterdir()):
+        if folder.is_dir() and not folder.name.startswith("."):
+            files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.safetensors"))
+            if files:
+                out.append(AdapterEntry(folder.name, folder, files))
+    return out
+
+
+def adapter_folder(paths: AppPaths, name: str) -> Path:
+    folder = paths.adapters / safe_name(name, "adapter")
+    if not folder.is_dir():
+        known = ", ".join(a.name for a in list_adapters(paths)) or "none yet"
+        raise DcustomError(f"adapter {name!r} is not in the library; available: {known}.")
+    return folder
+
+
+@contextlib.contextmanager
+def adapters_applied(state, pipe, adapters: list):
+    """Load (name, weight) adapters onto `pipe` for the duration of the block, then remove them."""
+    if not adapters:
+        yield pipe
+        return
+    folders = [(adapter_folder(state.paths, name), float(weight)) for name, weight in adapters]
+    names = []
+    try:
+        for i, (folder, _) in enumerate(folders):
+            names.append(f"a{i}")
+            pipe.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors", adapter_name=names[-1])
+        pipe.set_adapters(names, adapter_weights=[w for _, w in folders])
+        yield pipe
+    finally:
+        if names:
+            pipe.unload_lora_weights()

@@ -1,0 +1,51 @@
+"""`build_app(...)` assembles the tabs into one gr.Blocks; `launch(...)` serves it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from dcustom.app.paths import AppPaths
+from dcustom.app.service import AppState
+from dcustom.app.uploads import UploadLimits
+
+TITLE = "dcustom"
+
+
+def build_app(state: AppState):
+    import gradio as gr
+
+    from dcustom.app.tabs import generate
+
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 24 * 3600)) as demo:
+        gr.Markdown(f"### dcustom · data folder `{state.paths.root}`", elem_id="app_header")
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab("Generate", id="generate", elem_id="tab_generate"):
+                gen = generate.build(state)
+        demo.load(gen["refresh"], None, gen["adapter_dropdowns"], queue=False)
+    demo.dcustom_tabs = tabs
+    return demo
+
+
+def make_state(data_dir: str | Path, default_model: Optional[str] = None, device: str = "auto",
+               limits: Optional[UploadLimits] = None) -> AppState:
+    state = AppState(AppPaths.create(data_dir), limits=limits or UploadLimits(), device=device)
+    if default_model:
+        state.default_model = default_model
+    return state
+
+
+def launch(data_dir: str | Path = "dcustom-data", host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+           default_model: Optional[str] = None, device: str = "auto", max_queue: int = 32,
+           limits: Optional[UploadLimits] = None, prevent_thread_lock: bool = False, quiet: bool = False):
+    """Serve the app; only the data folder is exposed to the browser; returns (demo, local_url)."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    state = make_state(data_dir, default_model, device, limits)
+    demo = build_app(state)
+    demo.queue(max_size=max_queue, default_concurrency_limit=1)
+    _, url, _ = demo.launch(server_name=host, server_port=port, share=share, allowed_paths=[str(state.paths.root)],
+                            max_file_size=state.limits.max_bytes, prevent_thread_lock=prevent_thread_lock,
+                            quiet=quiet, show_error=True)
+    demo.dcustom_state = state
+    return demo, url
