@@ -32,6 +32,15 @@ class Method:
 METHODS: dict[str, Method] = {
     "generate": Method("generate", "generate", "dcustom.generate_config:GenerateConfig", "dcustom.generate:generate",
                        "Text-to-image generation with optional adapters."),
+    "erasure": Method("erasure", "train", "dcustom.trainers.erasure.config:ErasureTrainConfig",
+                      "dcustom.trainers.erasure.run:run",
+                      "Concept erasure: closed-form UCE or ESD-x/ESD-u fine-tuning; a composable LoRA or edited weights."),
+    "lora": Method("lora", "train", "dcustom.trainers.adapter.config:LoraTrainConfig", "dcustom.trainers.adapter.trainer:run",
+                   "Subject LoRA (or DoRA) from a few images; diffusers + kohya/A1111 files."),
+    "oft": Method("oft", "train", "dcustom.trainers.adapter.config:OftTrainConfig", "dcustom.trainers.adapter.trainer:run",
+                  "Orthogonal fine-tuning (peft OFTv2) adapter from a few images."),
+    "boft": Method("boft", "train", "dcustom.trainers.adapter.config:BoftTrainConfig", "dcustom.trainers.adapter.trainer:run",
+                   "Butterfly orthogonal fine-tuning (peft BOFT) adapter from a few images."),
 }
 
 

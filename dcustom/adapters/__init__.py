@@ -1,0 +1,15 @@
+"""Adapter files: save, load, convert, merge, extract and inspect every adapter kind dcustom writes.
+
+- LoRA/DoRA: diffusers `pytorch_lora_weights.safetensors` (true alpha in the peft metadata) and a
+  kohya/A1111 `lora_kohya.safetensors` (`lora_unet_*`, `lora_te*_*`, per-module `.alpha`).
+- OFT/BOFT: peft folders (`unet/adapter_model.safetensors` + `adapter_config.json`), a merged UNet
+  folder and an SVD-extracted LoRA (kohya keys) for tools that only read LoRA.
+Every safetensors header carries dcustom metadata (method, base model, family, version, config).
+"""
+
+from dcustom.adapters.files import (  # noqa: F401
+    DIFFUSERS_LORA_NAME,
+    KOHYA_LORA_NAME,
+    EXTRACTED_LORA_NAME,
+    read_metadata,
+)

@@ -1,0 +1,234 @@
+"""Writing adapter files: diffusers LoRA, kohya/A1111 LoRA with true alpha, peft folders, merged UNet."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from dcustom.errors import DcustomError
+
+DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_LORA_NAME = "lora_kohya.safetensors"
+EXTRACTED_LORA_NAME = "lora_extracted_kohya.safetensors"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+MERGED_UNET_DIR = "unet_merged"
+# kohya prefixes per pipeline component; SD1/SD2 use "lora_te", SDXL numbers its two encoders.
+KOHYA_TE_PREFIX = {"sd": {"text_encoder": "lora_te"}, "sdxl": {"text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}}
+
+
+def dcustom_metadata(method: str, base_model: str, family: str, config: dict | None, fmt: str, **extra) -> dict:
+    """String metadata every dcustom safetensors header carries."""
+    from dcustom import __version__
+
+    meta = {"dcustom.version": __version__, "dcustom.method": method, "dcustom.base_model": base_model,
+            "dcustom.family": family, "dcustom.format": fmt}
+    if config is not None:
+        meta["dcustom.config"] = json.dumps(config, sort_keys=True, default=str)
+    meta.update({f"dcustom.{k}": str(v) for k, v in extra.items()})
+    return meta
+
+
+def read_metadata(path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:
+        raise DcustomError(f"adapter file {str(path)!r} is not a readable safetensors file ({exc}).") from None
+
+
+def save_tensors(tensors: dict, path: Path, metadata: dict) -> Path:
+    """safetensors write to a temp name then rename: a good file is never replaced by a partial one."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name("." + path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def _peft_state(model, adapter_name: str = "default") -> dict:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, adapter_name=adapter_name)
+
+
+def save_diffusers_lora(folder: Path, pipe, text_encoders: list[str], meta: dict, adapter_name: str = "default") -> Path:
+    """`pytorch_lora_weights.safetensors` as `pipe.load_lora_weights` reads it, with the peft config (true alpha)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import load_file
+
+    kwargs = {"unet_lora_layers": convert_state_dict_to_diffusers(_peft_state(pipe.unet, adapter_name)),
+              "unet_lora_adapter_metadata": pipe.unet.peft_config[adapter_name].to_dict()}
+    for name in text_encoders:
+        model = getattr(pipe, name)
+        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(_peft_state(model, adapter_name))
+        kwargs[f"{name}_lora_adapter_metadata"] = model.peft_config[adapter_name].to_dict()
+    with tempfile.TemporaryDirectory() as tmp:
+        type(pipe).save_lora_weights(tmp, **kwargs)
+        written = Path(tmp) / DIFFUSERS_LORA_NAME
+        tensors, theirs = load_file(str(written)), read_metadata(written)
+    return save_tensors(tensors, Path(folder) / DIFFUSERS_LORA_NAME, {**theirs, **meta})
+
+
+def kohya_module_name(prefix: str, module: str) -> str:
+    """'lora_unet' + 'down_blocks.1.attentions.0...to_q' -> 'lora_unet_down_blocks_1_attentions_0_..._to_q'."""
+    return f"{prefix}_{module.replace('.', '_')}"
+
+
+def peft_to_kohya(state: dict, prefix: str, alpha_of, text_model: bool = False) -> dict:
+    """peft LoRA keys of one component -> kohya keys with each module's TRUE alpha.
+
+    `alpha_of(module_name)` gives the alpha peft used for that module (lora_alpha or alpha_pattern).
+    transformers 5 CLIP modules lack the `text_model.` level that A1111/ComfyUI keys keep: re-add it.
+    """
+    import torch
+
+    out = {}
+    for key, value in state.items():
+        if ".lora_A." in key or ".lora_B." in key:
+            module, rest = key.split(".lora_A." if ".lora_A." in key else ".lora_B.", 1)
+            path = ("text_model." + module) if text_model and not module.startswith("text_model.") else module
+            name = kohya_module_name(prefix, path)
+            out[f"{name}.{'lora_down' if '.lora_A.' in key else 'lora_up'}.{rest}"] = value
+            if ".lora_A." in key:
+                out[f"{name}.alpha"] = torch.tensor(float(alpha_of(module)))
+        elif "lora_magnitude_vector" in key:
+            raise DcustomError("kohya export: DoRA magnitudes have no verified kohya form here; use the diffusers file.")
+    return out
+
+
+def lora_alpha_lookup(peft_config):
+    """module name -> alpha, honouring peft's alpha_pattern like peft itself does (suffix match)."""
+    import re
+
+    def alpha_of(module: str) -> float:
+        for pattern, value in (peft_config.alpha_pattern or {}).items():
+            if re.fullmatch(rf"(.*\.)?{pattern}", module):
+                return value
+        return peft_config.lora_alpha
+
+    return alpha_of
+
+
+def save_kohya_lora(folder: Path, pipe, family: str, text_encoders: list[str], meta: dict, adapter_name: str = "default",
+                    name: str = KOHYA_LORA_NAME) -> Path:
+    """A1111/Forge/ComfyUI LoRA: kohya keys, true per-module alpha (diffusers' converter writes alpha=rank)."""
+    tensors = peft_to_kohya(_peft_state(pipe.unet, adapter_name), "lora_unet",
+                            lora_alpha_lookup(pipe.unet.peft_config[adapter_name]))
+    prefixes = KOHYA_TE_PREFIX["sdxl" if family == "sdxl" else "sd"]
+    for te in text_encoders:
+        model = getattr(pipe, te)
+        tensors.update(peft_to_kohya(_peft_state(model, adapter_name), prefixes[te],
+                                     lora_alpha_lookup(model.peft_config[adapter_name]), text_model=True))
+    return save_tensors(tensors, Path(folder) / name, {**meta, "dcustom.format": "kohya", "format": "pt"})
+
+
+def save_peft_folder(folder: Path, model, meta: dict, adapter_name: str = "default") -> Path:
+    """peft layout (adapter_model.safetensors + adapter_config.json) for any peft tuner (OFT, BOFT, LoRA)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.peft_config[adapter_name].save_pretrained(str(folder))
+    save_tensors(_peft_state(model, adapter_name), folder / PEFT_WEIGHTS, {**meta, "format": "pt"})
+    return folder
+
+
+def merged_linear_weights(model, adapter_name: str = "default") -> dict:
+    """{module name: (base weight, merged weight)} for every adapted Linear, leaving the model as it was.
+
+    peft's merge() writes into the base weight; we copy the base first and restore it bit-exactly
+    afterwards instead of trusting unmerge() (an OFT inverse is only accurate to ~1e-6).
+    """
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer) or adapter_name not in getattr(module, "active_adapters", []):
+            continue
+        base = module.get_base_layer()
+        original = base.weight.detach().clone()
+        with torch.no_grad():
+            module.merge(adapter_names=[adapter_name])
+            merged = base.weight.detach().clone()
+            module.merged_adapters.clear()
+            base.weight.copy_(original)
+        out[name] = (original, merged)
+    return out
+
+
+def save_merged_unet(folder: Path, unet, meta: dict, adapter_name: str = "default") -> Path:
+    """A plain UNet folder with the adapter baked in: `UNet2DConditionModel.from_pretrained(folder)` loads it."""
+    merged = merged_linear_weights(unet, adapter_name)
+    state = {}
+    for key, value in unet.state_dict().items():
+        if "base_layer." not in key and not _is_adapter_key(key):
+            state[key] = value
+    for name, (_, weight) in merged.items():
+        state[f"{name}.weight"] = weight
+        bias_key = f"{name}.base_layer.bias"
+        if bias_key in unet.state_dict():
+            state[f"{name}.bias"] = unet.state_dict()[bias_key]
+    out = Path(folder) / MERGED_UNET_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dict(unet.config), indent=2, default=list))
+    save_tensors(state, out / "diffusion_pytorch_model.safetensors", {**meta, "dcustom.format": "merged_unet", "format": "pt"})
+    return out
+
+
+def _is_adapter_key(key: str) -> bool:
+    markers = (".lora_", ".oft_", ".boft_", "lora_magnitude_vector")
+    return any(m in key for m in markers)
+
+
+def svd_lora_from_merged(merged: dict, rank: int) -> tuple[dict, dict]:
+    """LoRA factors (peft-style module names) of merged - base per module, by truncated SVD.
+
+    Returns ({module: (down [r, in], up [out, r])}, {module: relative Frobenius error of the delta}).
+    """
+    import torch
+
+    factors, errors = {}, {}
+    for name, (base, weight) in merged.items():
+        delta = (weight - base).float()
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        r = min(rank, S.numel())
+        up = U[:, :r] * S[:r]
+        down = Vh[:r]
+        approx = up @ down
+        denom = delta.norm().item()
+        errors[name] = (delta - approx).norm().item() / denom if denom > 0 else 0.0
+        factors[name] = (down.contiguous(), up.contiguous())
+    return factors, errors
+
+
+def save_extracted_lora(folder: Path, unet, rank: int, meta: dict, adapter_name: str = "default",
+                        name: str = EXTRACTED_LORA_NAME) -> tuple[Path, float]:
+    """kohya LoRA approximating any adapter (OFT, BOFT, ...) on the UNet; returns (path, relative error).
+
+    alpha = rank, so the file applies the SVD factors at scale 1. The error is the Frobenius norm of
+    (delta - extracted) over the norm of delta, summed over all modules.
+    """
+    import torch
+
+    merged = merged_linear_weights(unet, adapter_name)
+    factors, _ = svd_lora_from_merged(merged, rank)
+    tensors, num, den = {}, 0.0, 0.0
+    for module, (down, up) in factors.items():
+        base, weight = merged[module]
+        delta = (weight - base).float()
+        num += ((delta - up @ down).norm() ** 2).item()
+        den += (delta.norm() ** 2).item()
+        key = kohya_module_name("lora_unet", module)
+        tensors[f"{key}.lora_down.weight"] = down
+        tensors[f"{key}.lora_up.weight"] = up
+        tensors[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
+    rel = (num / den) ** 0.5 if den > 0 else 0.0
+    path = save_tensors(tensors, Path(folder) / name, {**meta, "dcustom.format": "kohya", "format": "pt",
+                                                     "dcustom.extracted_rank": str(rank),
+                                                     "dcustom.extraction_rel_error": f"{rel:.6g}"})
+    return path, rel

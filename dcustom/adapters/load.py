@@ -1,0 +1,184 @@
+"""`load_adapter(pipe, path, scale)`: put any adapter file dcustom writes (or a kohya/diffusers LoRA) on a pipeline.
+
+Several calls stack: each adapter gets its own name and weight; LoRA weights combine through
+diffusers' `set_adapters`. `fuse=True` bakes the active LoRAs into the weights (faster sampling).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dcustom.adapters.files import DIFFUSERS_LORA_NAME, KOHYA_LORA_NAME, PEFT_CONFIG, PEFT_WEIGHTS, read_metadata
+from dcustom.errors import DcustomError
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, float]:
+    """'path' or 'path:weight' -> (path, weight)."""
+    path, sep, weight = str(spec).rpartition(":")
+    if sep and path and not Path(spec).exists():
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return str(spec), 1.0
+
+
+def resolve_adapter(path) -> tuple[str, Path]:
+    """(kind, file or folder): kind is 'lora' (any file diffusers reads as LoRA) or 'peft' (a peft folder)."""
+    p = Path(path)
+    if p.is_dir():
+        for candidate in (p / DIFFUSERS_LORA_NAME, p / KOHYA_LORA_NAME):
+            if candidate.is_file():
+                return "lora", candidate
+        for folder in (p / "unet", p):
+            if (folder / PEFT_CONFIG).is_file() and (folder / PEFT_WEIGHTS).is_file():
+                return "peft", folder
+        raise DcustomError(f"adapter folder {str(p)!r} holds no adapter; accepted: {DIFFUSERS_LORA_NAME}, {KOHYA_LORA_NAME}, "
+                           f"or a peft folder with {PEFT_CONFIG} and {PEFT_WEIGHTS} (or unet/ holding them).")
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise DcustomError(f"adapter file {str(p)!r} is not a .safetensors file; accepted: .safetensors LoRA files or adapter folders.")
+        return "lora", p
+    raise DcustomError(f"adapter {str(p)!r} does not exist.")
+
+
+def check_family(pipe, meta: dict, where: str) -> None:
+    from dcustom.families import FAMILIES
+    from dcustom.models import family_of
+
+    trained_for = meta.get("dcustom.family")
+    here = family_of(pipe)
+    if trained_for and trained_for != here.name:
+        label = FAMILIES[trained_for].label if trained_for in FAMILIES else trained_for
+        raise DcustomError(f"adapter {where!r} was trained for {label} ({trained_for}) but this pipeline is "
+                           f"{here.label} ({here.name}); load it on a {label} model.")
+
+
+def _adapter_names(pipe) -> list[str]:
+    names = []
+    for model in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+        if model is not None and getattr(model, "peft_config", None):
+            names += [n for n in model.peft_config if n not in names]
+    return names
+
+
+def load_adapter(pipe, path, scale: float = 1.0, name: str | None = None, fuse: bool = False) -> str:
+    """Load one adapter onto `pipe` (stacking on earlier ones) with weight `scale`; returns its adapter name."""
+    kind, target = resolve_adapter(path)
+    weights_file = target if kind == "lora" else target / PEFT_WEIGHTS
+    meta = read_metadata(weights_file)
+    check_family(pipe, meta, str(path))
+    existing = _adapter_names(pipe)
+    name = name or f"adapter_{len(existing)}"
+    if name in existing:
+        raise DcustomError(f"adapter name {name!r} is already loaded on this pipeline; pick another name.")
+    if kind == "lora":
+        _load_lora(pipe, target, name)
+    else:
+        _load_peft(pipe, target, name, scale)
+    lora_names = _lora_names(pipe)
+    if lora_names:
+        # Remember every LoRA's weight on the pipeline: set_adapters needs the whole list each time.
+        scales = getattr(pipe, "_dcustom_adapter_scales", {})
+        scales[name] = scale
+        pipe._dcustom_adapter_scales = scales
+        pipe.set_adapters(lora_names, adapter_weights=[scales.get(n, 1.0) for n in lora_names])
+    if fuse:
+        pipe.fuse_lora(adapter_names=lora_names or None)
+    return name
+
+
+def _lora_names(pipe) -> list[str]:
+    from peft import LoraConfig
+
+    cfgs = getattr(pipe.unet, "peft_config", {}) or {}
+    return [n for n, c in cfgs.items() if isinstance(c, LoraConfig)]
+
+
+def _load_lora(pipe, file: Path, name: str) -> None:
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
+    except DcustomError:
+        raise
+    except (ValueError, RuntimeError, KeyError) as exc:
+        from dcustom.models import family_of
+
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise DcustomError(f"adapter {str(file)!r} does not fit this {family_of(pipe).label} pipeline ({first}); "
+                           "it was probably made for another model family.") from None
+
+
+def _load_peft(pipe, folder: Path, name: str, scale: float) -> None:
+    """peft folder (OFT, BOFT, LoRA ...) injected into the UNet with `inject_adapter_in_model`."""
+    from peft import PeftConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if scale != 1.0:
+        raise DcustomError(f"adapter {str(folder)!r}: OFT/BOFT adapters are rotations and load at weight 1 only; "
+                           "use its extracted LoRA (lora_extracted_kohya.safetensors) for a weighted mix.")
+    config = PeftConfig.from_pretrained(str(folder))
+    state = load_file(str(folder / PEFT_WEIGHTS))
+    try:
+        config.inference_mode = True  # loaded adapters are not trained further
+        pipe.unet.add_adapter(config, adapter_name=name)  # diffusers' wrapper of peft's inject_adapter_in_model
+        result = set_peft_model_state_dict(pipe.unet, state, adapter_name=name)
+    except (ValueError, RuntimeError) as exc:
+        raise DcustomError(f"adapter {str(folder)!r} does not fit this pipeline's UNet ({str(exc).splitlines()[0][:300]}).") from None
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise DcustomError(f"adapter {str(folder)!r} has weights this UNet lacks (e.g. {unexpected[0]!r}); made for another model.")
+    pipe.unet.to(pipe.device)
+    pipe.unet.set_adapter(list(pipe.unet.peft_config))
+
+
+def adapter_summary(path) -> dict:
+    """What a file or folder holds: format, method, family, tensors, parameters, rank/alpha (for `inspect`)."""
+    from safetensors import safe_open
+
+    kind, target = resolve_adapter(path)
+    weights_file = target if kind == "lora" else target / PEFT_WEIGHTS
+    meta = read_metadata(weights_file)
+    with safe_open(str(weights_file), framework="pt") as f:
+        keys = list(f.keys())
+        shapes = {k: f.get_slice(k).get_shape() for k in keys}
+    params = sum(_numel(s) for s in shapes.values())
+    out = {"path": str(weights_file), "format": meta.get("dcustom.format") or _guess_format(keys), "tensors": len(keys),
+           "parameters": params, "method": meta.get("dcustom.method", "unknown"),
+           "family": meta.get("dcustom.family", "unknown"), "base_model": meta.get("dcustom.base_model", "unknown"),
+           "dcustom_version": meta.get("dcustom.version", "-")}
+    ranks = sorted({s[0] for k, s in shapes.items() if k.endswith((".lora_down.weight", ".lora_A.weight"))})
+    if ranks:
+        out["ranks"] = ranks
+    if any(k.endswith(".alpha") for k in keys):
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(weights_file))
+        alphas = sorted({round(float(v), 6) for k, v in tensors.items() if k.endswith(".alpha")})
+        out["alphas"] = alphas
+    elif "lora_adapter_metadata" in meta:
+        lam = json.loads(meta["lora_adapter_metadata"])
+        alphas = sorted({v for k, v in lam.items() if k.endswith("lora_alpha")})
+        out["alphas"] = alphas
+    if kind == "peft":
+        cfg = json.loads((target / PEFT_CONFIG).read_text())
+        out["peft_type"] = cfg.get("peft_type")
+    for extra in ("dcustom.extracted_rank", "dcustom.extraction_rel_error"):
+        if extra in meta:
+            out[extra.split(".", 1)[1]] = meta[extra]
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _guess_format(keys: list[str]) -> str:
+    if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
+        return "kohya"
+    if any(k.startswith(("unet.", "text_encoder")) for k in keys):
+        return "diffusers"
+    return "peft"

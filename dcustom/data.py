@@ -1,0 +1,232 @@
+"""Training images: validation up front, captions, aspect buckets, flips, latent/text caching.
+
+Every file in the image folder is checked before training; bad ones are skipped with a listed
+reason (unreadable, not an image, truncated, animated, too small) and convertible ones are
+converted in memory (CMYK, 16-bit, alpha, palette, EXIF orientation). Nothing in the folder is
+ever written to. Config classes here are torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from dcustom.config import opt
+from dcustom.errors import DcustomError
+
+CAPTION_SUFFIX = ".txt"
+IGNORED_SUFFIXES = {CAPTION_SUFFIX, ".json", ".yaml", ".yml", ".md"}
+
+
+@dataclass
+class PriorConfig:
+    enabled: bool = opt(False, "DreamBooth prior preservation with generated class images.")
+    class_prompt: str = opt("a photo of a dog", "Prompt for the class images (the subject's class, without the trigger word).")
+    num_images: int = opt(100, "Class images generated once and cached.")
+    loss_weight: float = opt(1.0, "Weight of the prior loss.")
+    class_dir: Optional[str] = opt(None, "Folder of class images; null: a cache folder keyed by model, prompt and size.")
+    sample_steps: int = opt(30, "Sampling steps used to generate class images.")
+
+
+@dataclass
+class DataConfig:
+    images: str = opt("examples/subject", "Folder of training images (jpg/png/webp...), optional same-name .txt captions.")
+    instance_prompt: str = opt("a photo of sks dog", "Caption for images without a .txt file; include the trigger word.")
+    caption_prefix: str = opt("", "Text put before every .txt caption (e.g. the trigger word).")
+    resolution: Optional[int] = opt(None, "Training side length in pixels; null: the model's native size.")
+    min_size: Optional[int] = opt(None, "Images whose shorter side is below this are skipped; null: half the resolution.")
+    buckets: bool = opt(True, "Aspect-ratio buckets (same area, multiples of the UNet stride) instead of square crops.")
+    flip: bool = opt(True, "Random horizontal flips (cached as a second latent variant).")
+    cache_latents: bool = opt(True, "Encode images with the VAE once instead of every step.")
+    cache_text: bool = opt(True, "Encode captions once when the text encoder is frozen.")
+    prior: PriorConfig = opt(PriorConfig(), "DreamBooth prior preservation.")
+
+
+@dataclass
+class ImageRecord:
+    path: Path
+    caption: str
+    size: tuple  # (width, height) after orientation
+    notes: list = field(default_factory=list)  # conversions applied, e.g. "CMYK -> RGB"
+
+
+@dataclass
+class ScanReport:
+    images: list  # ImageRecord
+    skipped: list  # (path, reason)
+
+    def summary(self) -> str:
+        lines = [f"{len(self.images)} usable image(s), {len(self.skipped)} skipped"]
+        lines += [f"  skipped {p.name}: {why}" for p, why in self.skipped]
+        return "\n".join(lines)
+
+
+def open_rgb(path: Path):
+    """Open, fully decode and convert one image to 8-bit RGB; returns (image, notes) or raises ValueError(reason)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    notes = []
+    try:
+        with Image.open(path) as im:
+            if getattr(im, "is_animated", False) and getattr(im, "n_frames", 1) > 1:
+                raise ValueError(f"animated image with {im.n_frames} frames; export one frame as PNG or JPEG")
+            im.load()  # decoding here surfaces truncated files
+            orientation = im.getexif().get(0x0112, 1)
+            image = ImageOps.exif_transpose(im)
+            if orientation not in (1, None):
+                notes.append(f"EXIF orientation {orientation} applied")
+            image = _to_rgb(image, notes)
+    except UnidentifiedImageError:
+        raise ValueError("not an image file that Pillow can identify") from None
+    except PermissionError:
+        raise ValueError("unreadable (permission denied)") from None
+    except (OSError, SyntaxError) as exc:
+        text = str(exc)
+        if "truncated" in text or "broken" in text or "cannot identify" in text or isinstance(exc, SyntaxError):
+            raise ValueError(f"truncated or corrupt image data ({text})") from None
+        raise ValueError(f"unreadable ({text})") from None
+    return image, notes
+
+
+def _to_rgb(image, notes: list):
+    import numpy as np
+    from PIL import Image
+
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale to 8 bits (a plain convert would clip everything above 255 to white).
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        notes.append(f"{mode} 16-bit -> 8-bit")
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+        notes.append("alpha composited on white")
+    if image.mode == "CMYK":
+        notes.append("CMYK -> RGB")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image
+
+
+def scan_images(folder, instance_prompt: str, min_size: int, caption_prefix: str = "") -> ScanReport:
+    """Validate every file in `folder`; raises one clear error when nothing usable is left."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DcustomError(f"data.images: {str(folder)!r} is not a folder; pass a folder of training images.")
+    images, skipped = [], []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.is_dir() or path.suffix.lower() in IGNORED_SUFFIXES:
+            continue
+        try:
+            image, notes = open_rgb(path)
+        except ValueError as exc:
+            skipped.append((path, str(exc)))
+            continue
+        if min(image.size) < min_size:
+            skipped.append((path, f"too small ({image.width}x{image.height}); the shorter side must be at least {min_size} px"))
+            continue
+        caption_file = path.with_suffix(CAPTION_SUFFIX)
+        if caption_file.is_file():
+            caption = (caption_prefix + " " + caption_file.read_text(errors="replace").strip()).strip()
+        else:
+            caption = instance_prompt
+        images.append(ImageRecord(path, caption, image.size, notes))
+    if not images:
+        reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped[:5]) or "the folder has no image files"
+        raise DcustomError(f"data.images: no usable training image in {str(folder)!r} ({reasons}); "
+                           "accepted: RGB/greyscale/CMYK/16-bit PNG, JPEG, WebP, BMP or TIFF files of at least "
+                           f"{min_size} px on the shorter side.")
+    return ScanReport(images, skipped)
+
+
+def make_buckets(resolution: int, multiple: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(width, height) pairs of about resolution**2 pixels, sides multiples of `multiple`, ratio <= max_ratio."""
+    out = set()
+    w = multiple
+    while w <= resolution * max_ratio:
+        h = max(multiple, int(round(resolution * resolution / w / multiple)) * multiple)
+        if max(w / h, h / w) <= max_ratio + 1e-6:
+            out.add((w, h))
+        w += multiple
+    out.add((resolution, resolution))
+    return sorted(out)
+
+
+def nearest_bucket(size: tuple, buckets: list) -> tuple[int, int]:
+    import math
+
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+def resize_crop(image, target: tuple):
+    """Scale to cover `target` (w, h) then centre-crop: no stretching, no padding."""
+    from PIL import Image
+
+    tw, th = target
+    scale = max(tw / image.width, th / image.height)
+    size = (max(tw, round(image.width * scale)), max(th, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - tw) // 2, (size[1] - th) // 2
+    return image.crop((left, top, left + tw, top + th)), (top, left)
+
+
+def to_tensor(image):
+    """PIL RGB -> float tensor [3, H, W] in [-1, 1] (what the VAE expects)."""
+    import numpy as np
+    import torch
+
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def unet_stride(pipe) -> int:
+    """Pixel multiple that every UNet level can halve: VAE factor x 2**(levels - 1)."""
+    return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+
+def folder_digest(folder) -> str:
+    """Hash of names, sizes and bytes of a folder: lets tests prove it was not modified."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def class_image_dir(cfg: PriorConfig, model_spec: str, resolution: int) -> Path:
+    """Where class images live: the configured folder, or a cache folder keyed by what shapes them."""
+    import os
+
+    if cfg.class_dir:
+        return Path(cfg.class_dir)
+    key = hashlib.sha256(f"{model_spec}|{cfg.class_prompt}|{resolution}|{cfg.sample_steps}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("DCUSTOM_CACHE", Path.home() / ".cache" / "dcustom"))
+    return root / "class_images" / key
+
+
+def ensure_class_images(pipe, cfg: PriorConfig, model_spec: str, resolution: int, seed: int = 0) -> list[Path]:
+    """Generate the missing class images once with the base model (atomic writes) and return all of them."""
+    import torch
+
+    folder = class_image_dir(cfg, model_spec, resolution)
+    folder.mkdir(parents=True, exist_ok=True)
+    have = sorted(folder.glob("class-*.png"))
+    for i in range(len(have), cfg.num_images):
+        generator = torch.Generator(device="cpu").manual_seed(seed + i)
+        with torch.no_grad():
+            image = pipe(cfg.class_prompt, num_inference_steps=cfg.sample_steps, width=resolution, height=resolution,
+                         generator=generator, guidance_scale=7.5).images[0]
+        path = folder / f"class-{i:05d}.png"
+        tmp = folder / f".class-{i:05d}.png.tmp"
+        image.save(tmp, format="PNG")
+        tmp.replace(path)
+    return sorted(folder.glob("class-*.png"))[: cfg.num_images]
