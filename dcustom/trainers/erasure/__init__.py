@@ -1,0 +1,30 @@
+"""Concept erasure: closed-form UCE and ESD fine-tuning (ESD-x / ESD-u), `dcustom train erasure`.
+
+    from dcustom.trainers.erasure import ErasureTrainConfig, run, load_erasure
+    result = run(ErasureTrainConfig(model="builtin:toy", algorithm="uce", erase=["purple"]))
+    load_erasure(pipe, result.run_dir)   # a diffusers LoRA: pipe.load_lora_weights works too
+
+Modules: config (torch-free settings), selection (which layers each algorithm edits), conditioning
+(family-aware UNet inputs), uce (closed form), esd (target + loop method), artifacts (files).
+"""
+
+_LAZY = {
+    "ErasureTrainConfig": "dcustom.trainers.erasure.config:ErasureTrainConfig",
+    "run": "dcustom.trainers.erasure.run:run",
+    "ErasureResult": "dcustom.trainers.erasure.run:ErasureResult",
+    "load_erasure": "dcustom.trainers.erasure.artifacts:load_erasure",
+    "read_metadata": "dcustom.trainers.erasure.artifacts:read_metadata",
+    "compute_uce": "dcustom.trainers.erasure.uce:compute_uce",
+    "apply_uce": "dcustom.trainers.erasure.uce:apply_uce",
+    "esd_target": "dcustom.trainers.erasure.esd:esd_target",
+}
+
+
+def __getattr__(name):
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'dcustom.trainers.erasure' has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = target.split(":")
+    return getattr(importlib.import_module(module_name), attr)

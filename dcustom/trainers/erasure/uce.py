@@ -1,0 +1,138 @@
+"""UCE: closed-form edit of the cross-attention key/value projections.
+
+For each projection W (key or value), the edit minimises
+
+    λ‖W' − W‖² + s_e Σ_i ‖W' c_i − W g_i‖² + s_p Σ_j ‖W' p_j − W p_j‖²
+
+over erased token embeddings c_i (each paired with an anchor embedding g_i) and preserved
+embeddings p_j. Setting the gradient to zero gives
+
+    W' = W (λI + s_e Σ g_i c_iᵀ + s_p Σ p_j p_jᵀ)(λI + s_e Σ c_i c_iᵀ + s_p Σ p_j p_jᵀ)⁻¹ = W T.
+
+T depends only on the embeddings, so one D×D solve serves every layer, and the change
+W' − W = W (T − I) has the (small) rank of T − I: it is saved exactly as a LoRA with
+A = √S Vᵀ and B = W U √S from the SVD T − I = U S Vᵀ.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dcustom.trainers.erasure.conditioning import concept_span, encode
+from dcustom.trainers.erasure.selection import selected_modules
+
+
+@dataclass
+class UceEmbeddings:
+    erased: torch.Tensor  # (N_e, D) token embeddings to move
+    anchors: torch.Tensor  # (N_e, D) where each goes (row-aligned)
+    preserved: torch.Tensor  # (N_p, D) token embeddings whose keys/values must stay
+    info: dict = field(default_factory=dict)
+
+
+def _tokenizer(pipe):
+    return pipe.tokenizer
+
+
+def gather_embeddings(pipe, erase: list[str], anchors: list[str], preserve: list[str], templates: list[str],
+                      tokens: str = "concept_and_after", preserve_empty_prompt: bool = True) -> UceEmbeddings:
+    """Token embeddings (as the UNet sees them) of erased concepts, their anchors and kept concepts.
+
+    Erased and anchor tokens are paired right-aligned: the concept's last token goes to the anchor's
+    last token (an empty anchor contributes the end token after the template's prefix), and with
+    ``concept_and_after`` every later position is paired with the same offset in the anchor prompt.
+    """
+    tok = _tokenizer(pipe)
+    length = tok.model_max_length
+    erased, targets, kept = [], [], []
+    for concept, anchor in zip(erase, anchors):
+        prompts = [t.format(concept) for t in templates] + [t.format(anchor) for t in templates]
+        hidden = encode(pipe, prompts).hidden.double().cpu()
+        for k, template in enumerate(templates):
+            c_emb, a_emb = hidden[k], hidden[len(templates) + k]
+            cs, ce = concept_span(tok, template, concept)
+            a_s, a_e = concept_span(tok, template, anchor)
+            a_last = max(a_e - 1, a_s)  # an empty anchor: its end token stands in for the word
+            for j, pos in enumerate(range(ce - 1, cs - 1, -1)):
+                erased.append(c_emb[pos])
+                targets.append(a_emb[max(a_last - j, a_s)])
+            if tokens == "concept_and_after":
+                a_after = a_e if a_e > a_s else a_s + 1
+                for off in range(length - max(ce, a_after)):
+                    erased.append(c_emb[ce + off])
+                    targets.append(a_emb[a_after + off])
+    if preserve:
+        prompts = [t.format(p) for p in preserve for t in templates]
+        hidden = encode(pipe, prompts).hidden.double().cpu()
+        for i, prompt_emb in enumerate(hidden):
+            concept, template = preserve[i // len(templates)], templates[i % len(templates)]
+            ps, pe = concept_span(tok, template, concept)
+            stop = length if tokens == "concept_and_after" else pe
+            kept.extend(prompt_emb[ps:stop])
+    if preserve_empty_prompt:
+        kept.extend(encode(pipe, [""]).hidden.double().cpu()[0, 1:])
+    dim = erased[0].shape[0]
+    stack = lambda rows: torch.stack(rows) if rows else torch.zeros(0, dim, dtype=torch.float64)  # noqa: E731
+    return UceEmbeddings(stack(erased), stack(targets), stack(kept),
+                         {"erased_vectors": len(erased), "preserved_vectors": len(kept), "tokens": tokens})
+
+
+def edit_matrix(emb: UceEmbeddings, lam: float, erase_scale: float, preserve_scale: float) -> torch.Tensor:
+    """T (D×D, float64) such that every edited projection is W' = W T."""
+    c, g, p = emb.erased, emb.anchors, emb.preserved
+    eye = torch.eye(c.shape[1], dtype=torch.float64)
+    preserved_cov = preserve_scale * p.T @ p
+    lhs = lam * eye + erase_scale * g.T @ c + preserved_cov
+    gram = lam * eye + erase_scale * c.T @ c + preserved_cov
+    # T = lhs @ gram⁻¹; gram is symmetric positive definite, so solve gram Tᵀ = lhsᵀ.
+    return torch.linalg.solve(gram, lhs.T).T
+
+
+def low_rank_factors(delta: torch.Tensor, max_rank: int = 0, rtol: float = 1e-6):
+    """(U√S, √S Vᵀ, rank, dropped_energy) of a D×D matrix, keeping singular values above rtol·max."""
+    u, s, vh = torch.linalg.svd(delta)
+    keep = int((s > rtol * s[0]).sum()) if s.numel() and s[0] > 0 else 1
+    keep = max(1, min(keep, max_rank) if max_rank > 0 else keep)
+    dropped = float((s[keep:] ** 2).sum() / (s ** 2).sum().clamp_min(1e-300))
+    root = s[:keep].sqrt()
+    return u[:, :keep] * root, root[:, None] * vh[:keep], keep, dropped
+
+
+@dataclass
+class UceEdit:
+    transform: torch.Tensor  # T, float64
+    modules: list[str]  # edited module names
+    lora_state: dict  # diffusers-format LoRA: "unet.<module>.lora_A.weight" / ".lora_B.weight"
+    rank: int
+    dropped_energy: float
+    seconds: float
+    info: dict
+
+
+def compute_uce(pipe, erase, anchors, preserve, templates, lam=0.5, erase_scale=1.0, preserve_scale=1.0,
+                tokens="concept_and_after", preserve_empty_prompt=True, max_rank=0) -> UceEdit:
+    """The UCE edit of `pipe` (not yet applied): T, and its exact LoRA factors for every K/V layer."""
+    start = time.perf_counter()
+    emb = gather_embeddings(pipe, erase, anchors, preserve, templates, tokens, preserve_empty_prompt)
+    transform = edit_matrix(emb, lam, erase_scale, preserve_scale)
+    left, right, rank, dropped = low_rank_factors(transform - torch.eye(transform.shape[0], dtype=torch.float64),
+                                                  max_rank)
+    modules = selected_modules(pipe.unet, "uce")
+    state = {}
+    for name, module in modules.items():
+        w = module.weight.detach().double().cpu()
+        state[f"unet.{name}.lora_A.weight"] = right.float().contiguous()
+        state[f"unet.{name}.lora_B.weight"] = (w @ left).float().contiguous()
+    return UceEdit(transform, list(modules), state, rank, dropped, time.perf_counter() - start, emb.info)
+
+
+@torch.no_grad()
+def apply_uce(pipe, edit: UceEdit) -> None:
+    """Write W' = W T into every edited projection of `pipe` (in place)."""
+    modules = selected_modules(pipe.unet, "uce")
+    for name in edit.modules:
+        w = modules[name].weight
+        w.copy_((w.double() @ edit.transform.to(w.device)).to(w.dtype))
