@@ -35,20 +35,35 @@ def adapter_folder(paths: AppPaths, name: str) -> Path:
     return folder
 
 
+def _load_adapter_fn():
+    try:
+        from dcustom.adapters import load_adapter
+    except ImportError:  # older tree: the loader is not re-exported yet
+        from dcustom.adapters.load import load_adapter
+    return load_adapter
+
+
 @contextlib.contextmanager
 def adapters_applied(state, pipe, adapters: list):
-    """Load (name, weight) adapters onto `pipe` for the duration of the block, then remove them."""
+    """Load (name, weight) adapters from the library onto `pipe` for the block, then take them off.
+
+    LoRAs come off with diffusers' `unload_lora_weights`; a peft adapter (OFT/BOFT) is injected
+    into the UNet's modules, so the cached pipeline is dropped instead and reloaded next time.
+    """
     if not adapters:
         yield pipe
         return
     folders = [(adapter_folder(state.paths, name), float(weight)) for name, weight in adapters]
-    names = []
+    load_adapter = _load_adapter_fn()
     try:
-        for i, (folder, _) in enumerate(folders):
-            names.append(f"a{i}")
-            pipe.load_lora_weights(str(folder), weight_name="pytorch_lora_weights.safetensors", adapter_name=names[-1])
-        pipe.set_adapters(names, adapter_weights=[w for _, w in folders])
+        for i, (folder, weight) in enumerate(folders):
+            load_adapter(pipe, folder, scale=weight, name=f"slot{i}")
         yield pipe
     finally:
-        if names:
+        from peft import LoraConfig
+
+        configs = getattr(pipe.unet, "peft_config", None) or {}
+        if any(not isinstance(c, LoraConfig) for c in configs.values()):
+            state.forget_pipeline()
+        else:
             pipe.unload_lora_weights()

@@ -16,21 +16,27 @@ TITLE = "dcustom"
 def build_app(state: AppState):
     import gradio as gr
 
-    from dcustom.app.tabs import generate
+    from dcustom.app.tabs import generate, train
 
     with gr.Blocks(title=TITLE, delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown(f"### dcustom · data folder `{state.paths.root}`", elem_id="app_header")
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Generate", id="generate", elem_id="tab_generate"):
                 gen = generate.build(state)
-        demo.load(gen["refresh"], None, gen["adapter_dropdowns"], queue=False)
+            with gr.Tab("Train", id="train", elem_id="tab_train"):
+                train.build(state, state.training, gen["adapter_dropdowns"])
+        demo.load(gen["refresh"], None, gen["adapter_dropdowns"], queue=False, api_visibility="private")
     demo.dcustom_tabs = tabs
     return demo
 
 
 def make_state(data_dir: str | Path, default_model: Optional[str] = None, device: str = "auto",
                limits: Optional[UploadLimits] = None) -> AppState:
-    state = AppState(AppPaths.create(data_dir), limits=limits or UploadLimits(), device=device)
+    from dcustom.app.jobs import TrainingQueue
+
+    paths = AppPaths.create(data_dir)
+    state = AppState(paths, limits=limits or UploadLimits(), device=device)
+    state.training = TrainingQueue(paths.adapters, cwd=paths.root)
     if default_model:
         state.default_model = default_model
     return state
@@ -49,3 +55,11 @@ def launch(data_dir: str | Path = "dcustom-data", host: str = "127.0.0.1", port:
                             quiet=quiet, show_error=True)
     demo.dcustom_state = state
     return demo, url
+
+
+def close(demo) -> None:
+    """Stop the server and any training child process it started."""
+    state = getattr(demo, "dcustom_state", None)
+    if state is not None and state.training is not None:
+        state.training.close()
+    demo.close()

@@ -32,6 +32,7 @@ class AppState:
     default_model: str = field(default_factory=default_model_spec)
     device: str = "auto"
     gpu: threading.Lock = field(default_factory=threading.Lock)
+    training: object = None  # TrainingQueue, created by make_state
     _pipe_key: Optional[str] = None
     _pipe: object = None
 
@@ -69,6 +70,9 @@ class AppState:
             self._pipe = load_pipeline(key, device=self.device)
             self._pipe_key = key
         return self._pipe
+
+    def forget_pipeline(self) -> None:
+        self._pipe, self._pipe_key = None, None
 
     # -- generation ----------------------------------------------------------------------------
     def generate(self, *, model: str, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 7.5,

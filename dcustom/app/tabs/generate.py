@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import gradio as gr
+
 from dcustom.app.errors import shown_in_ui
 from dcustom.app.service import MAX_COUNT, MAX_SIDE, MAX_STEPS, AppState, read_png_parameters
 from dcustom.generate_config import SCHEDULERS
@@ -13,8 +15,6 @@ GPU = dict(concurrency_id="gpu", concurrency_limit=1)
 
 
 def build(state: AppState) -> dict:
-    import gradio as gr
-
     with gr.Row():
         with gr.Column(scale=5):
             model = gr.Dropdown(state.model_choices(), value=state.default_model, allow_custom_value=True, label="Model",
@@ -37,7 +37,7 @@ def build(state: AppState) -> dict:
                 slots = []
                 for i in range(ADAPTER_SLOTS):
                     with gr.Row():
-                        name = gr.Dropdown([], value=None, label=f"Adapter {i + 1}", scale=3, elem_id=f"gen_adapter_{i}")
+                        name = gr.Dropdown([], value=None, label=f"Adapter {i + 1}", scale=3, allow_custom_value=True, elem_id=f"gen_adapter_{i}")
                         weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight", scale=2, elem_id=f"gen_weight_{i}")
                         enabled = gr.Checkbox(value=True, label="On", scale=1, min_width=60, elem_id=f"gen_enabled_{i}")
                     slots += [name, weight, enabled]

@@ -1,0 +1,203 @@
+"""The Gradio app's endpoints through gradio_client against a launched app (tiny pipelines)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+gradio = pytest.importorskip("gradio", reason="the UI extra is not installed: pip install 'dcustom[ui]'")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from dcustom.app.uploads import UploadLimits  # noqa: E402
+
+NO_ADAPTERS = [None, 1.0, True] * 3
+TRAIN_ARGS = dict(method="lora", model="tiny:sd15", trigger="sks", class_word="toy", steps=2, lr=None, rank=4,
+                  resolution=None, seed=0, sample_every=0, validation_prompt="", adapter_name="",
+                  overrides="sample_steps=2\nwrite_kohya=false")
+
+
+def gen_args(model="tiny:sd15", prompt="a red circle", steps=2, seed=7, count=2, width=0, height=0, adapters=NO_ADAPTERS):
+    return [model, prompt, "", steps, 5.0, seed, False, count, width, height, "default", *adapters]
+
+
+def train_args(**changes):
+    return list({**TRAIN_ARGS, **changes}.values())
+
+
+def write_images(folder: Path, n=3) -> list[Path]:
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        image = Image.new("RGB", (64, 64), (40 * i, 180, 90))
+        ImageDraw.Draw(image).ellipse((8 + 4 * i, 10, 44, 48), fill=(210, 30, 30))
+        out.append(folder / f"img{i}.png")
+        image.save(out[-1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    import torch
+
+    from dcustom.app.main import close, launch
+
+    torch.set_num_threads(1)
+    data = tmp_path_factory.mktemp("appdata")
+    demo, url = launch(data, port=None, prevent_thread_lock=True, quiet=True, default_model="tiny:sd15", device="cpu",
+                       limits=UploadLimits(max_bytes=512 * 1024, max_pixels=1024 * 1024, max_files=8))
+    client = Client(url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+    yield demo.dcustom_state, client, tmp_path_factory.mktemp("inputs")
+    close(demo)
+
+
+def test_binds_localhost_by_default(app):
+    _, client, _ = app
+    assert client.src.startswith("http://127.0.0.1:")
+
+
+def test_generate_returns_images_with_their_parameters(app):
+    state, client, _ = app
+    gallery, info = client.predict(*gen_args(seed=11), api_name="/generate")
+    assert len(gallery) == 2
+    from PIL import Image
+
+    for i, item in enumerate(gallery):
+        with Image.open(item["image"]) as image:
+            params = json.loads(image.text["dcustom"])
+            assert image.size == (64, 64)
+        assert params["seed"] == 11 + i and params["steps"] == 2 and params["prompt"] == "a red circle"
+        assert "Steps: 2" in Image.open(item["image"]).text["parameters"]
+        assert f"seed {11 + i}" in item["caption"]
+    assert json.loads(info)["seed"] == 11
+    saved = sorted(state.paths.outputs.glob("*.png"))
+    assert len(saved) >= 2  # written into the app's data folder, nowhere else
+
+
+def test_generate_refuses_bad_input_with_a_clear_message(app):
+    _, client, _ = app
+    with pytest.raises(Exception, match="width: 60 is not a multiple of 8"):
+        client.predict(*gen_args(width=60), api_name="/generate")
+    with pytest.raises(Exception, match="Value 0 is less than minimum value 1"):  # Gradio's own bound check
+        client.predict(*gen_args(steps=0), api_name="/generate")
+    with pytest.raises(Exception, match="adapter 'nope' is not in the library"):
+        client.predict(*gen_args(adapters=["nope", 1.0, True] + [None, 1.0, True] * 2), api_name="/generate")
+
+
+@pytest.mark.parametrize("spec", ["../../etc", "/etc", "models/../../outside", "~/.cache"])
+def test_model_path_outside_the_data_folder_is_refused(app, spec):
+    _, client, _ = app
+    with pytest.raises(Exception, match="outside the app's data folder"):
+        client.predict(*gen_args(model=spec), api_name="/generate")
+
+
+def test_symlink_out_of_the_data_folder_is_refused(app, tmp_path):
+    state, client, _ = app
+    (state.paths.models / "escape").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(Exception, match="outside the app's data folder"):
+        client.predict(*gen_args(model="models/escape"), api_name="/generate")
+
+
+def test_train_yaml_is_the_cli_config(app):
+    state, client, _ = app
+    text = client.predict(*train_args(), api_name="/train_yaml")
+    import yaml
+
+    data = yaml.safe_load(text)
+    assert data["method"] == "lora" and data["train"]["steps"] == 2 and data["rank"] == 4
+    assert data["data"]["instance_prompt"] == "a photo of sks toy"
+    assert data["train"]["output_dir"].startswith(str(state.paths.runs))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.images=/etc", "data.images: '/etc' is outside the app's data folder"),
+    ("data.prior.class_dir=../../x", "data.prior.class_dir: '../../x' is outside"),
+    ("train.resume=/tmp/elsewhere", "train.resume: '/tmp/elsewhere' is outside"),
+    ("no_such_key=1", "unknown key 'no_such_key'"),
+])
+def test_train_settings_cannot_point_outside(app, override, message):
+    _, client, _ = app
+    with pytest.raises(Exception, match=message):
+        client.predict(*train_args(overrides=override), api_name="/train_yaml")
+
+
+def test_uploads_are_checked(app):
+    state, client, inputs = app
+    bad = inputs / "notes.png"
+    bad.write_text("this is not an image")
+    with pytest.raises(Exception, match="training image 'notes.png': is not an image"):
+        client.predict([handle_file(str(bad))], *train_args(), api_name="/train_start")
+    from PIL import Image
+
+    huge = inputs / "huge.png"  # few bytes, too many pixels
+    Image.new("RGB", (1500, 1000)).save(huge)
+    with pytest.raises(Exception, match=r"has 1500x1000 pixels; images up to 1,048,576 pixels"):
+        client.predict([handle_file(str(huge))], *train_args(), api_name="/train_start")
+    with pytest.raises(Exception, match="adapter name: '../evil' is not a valid name"):
+        client.predict([handle_file(str(write_images(inputs / "ok")[0]))], *train_args(adapter_name="../evil"),
+                       api_name="/train_start")
+    assert not any(state.paths.runs.iterdir())  # nothing queued, nothing written
+
+
+def test_oversized_upload_is_refused(app):
+    _, client, inputs = app
+    big = inputs / "big.bin"
+    big.write_bytes(os.urandom(600 * 1024))
+    with pytest.raises(Exception, match="(?i)file.*(size|large)|exceeds"):
+        client.predict([handle_file(str(big))], *train_args(), api_name="/train_start")
+
+
+def wait_for(client, job_id, until, timeout=240):
+    start = time.time()
+    while time.time() - start < timeout:
+        snap = json.loads(client.predict(job_id, api_name="/train_status"))
+        if until(snap):
+            return snap
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not get there in {timeout}s: {snap}")
+
+
+def test_train_queue_stop_and_use_the_adapter(app):
+    state, client, inputs = app
+    files = [handle_file(str(p)) for p in write_images(inputs / "subject")]
+    first = client.predict(files, *train_args(adapter_name="subject-lora"), api_name="/train_start")[-1]
+    second = client.predict(files, *train_args(adapter_name="never"), api_name="/train_start")[-1]
+    snap = json.loads(client.predict(second, api_name="/train_status"))
+    assert snap["status"] == "queued" and snap["queue_position"] >= 1  # jobs wait, one runs at a time
+    assert client.predict(second, api_name="/train_stop") == "cancelled"  # Stop works on a queued job
+
+    done = wait_for(client, first, lambda s: s["status"] in ("finished", "failed", "cancelled"))
+    assert done["status"] == "finished", done["log"]
+    assert [s for s, _ in done["loss"]] == [1, 2] and all(v == v for _, v in done["loss"])
+    assert done["samples"] and Path(done["samples"][0]).is_file()
+    assert (state.paths.adapters / "subject-lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert not (state.paths.adapters / "never").exists()
+
+    names = client.predict(api_name="/refresh_adapters")
+    assert "subject-lora" in str(names[0])
+    plain, _ = client.predict(*gen_args(seed=5, count=1), api_name="/generate")
+    with_lora, _ = client.predict(*gen_args(seed=5, count=1, adapters=["subject-lora", 1.0, True] + [None, 1.0, True] * 2),
+                                  api_name="/generate")
+    switched_off, _ = client.predict(*gen_args(seed=5, count=1, adapters=["subject-lora", 1.0, False] + [None, 1.0, True] * 2),
+                                     api_name="/generate")
+    import numpy as np
+    from PIL import Image
+
+    px = [np.asarray(Image.open(g[0]["image"]), dtype=np.int16) for g in (plain, with_lora, switched_off)]
+    assert np.array_equal(px[0], px[2])  # a disabled slot and unloading leave the base model untouched
+    assert np.abs(px[0] - px[1]).max() > 0  # the adapter changes the drawing
+
+
+def test_stop_a_running_job(app):
+    _, client, inputs = app
+    files = [handle_file(str(p)) for p in write_images(inputs / "subject2")]
+    job = client.predict(files, *train_args(steps=500, adapter_name="stopped"), api_name="/train_start")[-1]
+    wait_for(client, job, lambda s: s["status"] == "running")
+    assert client.predict(job, api_name="/train_stop") in ("stopping", "cancelled")
+    snap = wait_for(client, job, lambda s: s["status"] in ("finished", "failed", "cancelled"), timeout=120)
+    assert snap["status"] == "cancelled" and snap["step"] < 500
