@@ -179,4 +179,4 @@ def run_esd(cfg, pipe=None, on_event=None, should_stop=None, progress: bool = Tr
     seconds = time.perf_counter() - start
     info = {"status": result.status, "steps": result.step, "last_loss": result.last_loss,
             "edited_modules": len(method.modules), "trainable_parameters": sum(p.numel() for p in method.params.values())}
-    return ErasureResult(result.run_dir, list(result.files), seconds, info, method.pipe)
+    return ErasureResult(Path(result.run_dir), [Path(f) for f in result.files], seconds, info, method.pipe)

@@ -1,0 +1,113 @@
+"""ESD on tiny pipelines: the target's sign, only the selected parameters change in 2 steps of the
+shared loop, and the LoRA file reloads onto a stock pipeline with the same output."""
+
+import pytest
+import torch
+
+from dcustom.config import from_dict
+from dcustom.trainers.erasure.config import ErasureTrainConfig
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_cfg(tmp_path, kind="sd15", algorithm="esd_x", mode="lora", **over):
+    data = dict(model=f"tiny:{kind}", algorithm=algorithm, erase=["star", "cat"], templates=["a {}"],
+                esd={"ddim_steps": 2, "train_mode": mode, "negative_guidance": 2.0},
+                train={"output_dir": str(tmp_path / "run"), "device": "cpu", "steps": 2, "lr": 1e-3,
+                       "checkpoint_every": 0})
+    data.update(over)
+    return from_dict(ErasureTrainConfig, data)
+
+
+def images(pipe, prompt="a red star"):
+    gen = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=2, generator=gen, output_type="np").images
+
+
+def test_target_formula_sign():
+    from dcustom.trainers.erasure.esd import esd_target
+
+    base = torch.tensor([0.0, 1.0, -1.0])
+    concept = torch.tensor([1.0, 3.0, -1.0])
+    # ε(∅) − η(ε(c) − ε(∅)): pushed away from the concept, by η times the guidance direction.
+    assert torch.equal(esd_target(base, concept, 2.0), torch.tensor([-2.0, -3.0, -1.0]))
+    assert torch.equal(esd_target(base, concept, 0.0), base)
+    target = esd_target(base, concept, 1.0)
+    assert ((target - base) * (concept - base) <= 0).all()
+
+
+def test_first_loss_is_the_negative_guidance_gap(tmp_path, tiny_pipe):
+    """With a zero-initialised LoRA the trained model equals the frozen one, so the first loss is
+    mse(ε*(c), ε*(∅) − η(ε*(c) − ε*(∅))) = (1 + η)² · mse(ε*(c), ε*(∅)); a flipped sign gives (1 − η)²."""
+    from dcustom.trainers.erasure.conditioning import predict
+    from dcustom.trainers.erasure.esd import EsdMethod
+    from dcustom.trainers.loop import LoopConfig, LoopContext
+
+    cfg = make_cfg(tmp_path)
+    method = EsdMethod(cfg, tiny_pipe("sd15"))
+    ctx = LoopContext(None, torch.device("cpu"), torch.float32, LoopConfig(), tmp_path, 0, 1, True)
+    method.setup(ctx)
+    torch.manual_seed(3)
+    loss = method.training_step([(0, 0)], 0)
+    torch.manual_seed(3)
+    stop = int(torch.randint(0, cfg.esd.ddim_steps, (1,)))
+    concept = method._cond(method.concept_conds, 0)
+    with torch.no_grad():
+        x_t, t = method.partial_sample(method.pipe.unet, concept, stop)
+        gap = torch.nn.functional.mse_loss(predict(method.pipe.unet, x_t, t, concept), predict(method.pipe.unet, x_t, t, method.null))
+    eta = cfg.esd.negative_guidance
+    assert gap > 0
+    assert torch.allclose(loss, (1 + eta) ** 2 * gap, rtol=1e-4)
+
+
+@pytest.mark.parametrize("algorithm", ["esd_x", "esd_u"])
+def test_only_selected_weights_change(tmp_path, tiny_pipe, algorithm):
+    from dcustom.trainers.erasure.run import run
+    from dcustom.trainers.erasure.selection import selected_parameter_names
+
+    pipe = tiny_pipe("sd15")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    text_before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    result = run(make_cfg(tmp_path, algorithm=algorithm, mode="weights"), pipe=pipe, progress=False)
+    after = pipe.unet.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k].to(before[k].dtype))}
+    selected = selected_parameter_names(pipe.unet, algorithm)
+    assert changed == selected
+    if algorithm == "esd_x":
+        assert all(".attn2." in k for k in selected)
+    else:
+        assert not any(".attn2." in k for k in selected) and not any(k.startswith("time_embedding") for k in selected)
+    assert all(torch.equal(v, pipe.text_encoder.state_dict()[k]) for k, v in text_before.items())
+    assert result.files == [result.run_dir / "model"] and (result.run_dir / "events.jsonl").is_file()
+
+
+@pytest.mark.parametrize("kind,algorithm", [("sd15", "esd_u"), ("sdxl", "esd_x")])
+def test_lora_trains_only_selected_layers_and_reloads(tmp_path, tiny_pipe, kind, algorithm):
+    from dcustom.trainers.erasure.artifacts import LORA_FILE, load_erasure, read_metadata
+    from dcustom.trainers.erasure.run import run
+    from dcustom.trainers.erasure.selection import selected_modules
+
+    pipe = tiny_pipe(kind)
+    base_before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    original = images(pipe)
+    result = run(make_cfg(tmp_path, kind, algorithm), pipe=pipe, progress=False)
+    trained = images(pipe)
+    assert abs(trained - original).max() > 1e-5
+    # the base weights are untouched; LoRA layers sit exactly on the selected modules
+    state = pipe.unet.state_dict()
+    for key, value in base_before.items():
+        wrapped = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(value, state.get(key, state.get(wrapped)))
+    lora_modules = {k.split(".lora_A.")[0] for k in state if ".lora_A." in k}
+    assert lora_modules == set(selected_modules(tiny_pipe(kind).unet, algorithm))
+    fresh = tiny_pipe(kind)
+    fresh.load_lora_weights(str(result.run_dir / LORA_FILE), adapter_name="esd")
+    assert abs(images(fresh) - trained).max() <= 1e-4
+    assert abs(images(load_erasure(tiny_pipe(kind), result.run_dir)) - trained).max() <= 1e-4
+    assert read_metadata(result.run_dir)["algorithm"] == algorithm
