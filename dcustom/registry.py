@@ -32,9 +32,8 @@ class Method:
 METHODS: dict[str, Method] = {
     "generate": Method("generate", "generate", "dcustom.generate_config:GenerateConfig", "dcustom.generate:generate",
                        "Text-to-image generation with optional adapters."),
-    "erasure": Method("erasure", "train", "dcustom.trainers.erasure.config:ErasureTrainConfig",
-                      "dcustom.trainers.erasure.run:run",
-                      "Concept erasure: closed-form UCE or ESD-x/ESD-u fine-tuning; a composable LoRA or edited weights."),
+    "toy_base": Method("toy_base", "recipe", "dcustom.toyworld.config:ToyBaseConfig", "dcustom.toyworld.train_base:run",
+                       "Train the embedded toy model (text encoder, VAE, UNet) from a seed."),
     "erasure": Method("erasure", "train", "dcustom.trainers.erasure.config:ErasureTrainConfig",
                       "dcustom.trainers.erasure.run:run",
                       "Concept erasure: closed-form UCE or ESD-x/ESD-u fine-tuning; a composable LoRA or edited weights."),

@@ -5,3 +5,45 @@ from __future__ import annotations
 import typer
 
 app = typer.Typer(help="Evaluate models with the toy-world judges (JSON + image grids).", no_args_is_help=True)
+
+
+@app.command("base")
+def base(
+    model: str = typer.Option(..., "--model", "-m", help="builtin:toy, tiny:sd15, a diffusers folder, ..."),
+    prompts: int = typer.Option(24, "--prompts", help="Held-out prompts over trained shape x colour pairs "
+                                "(the held-out compositional pairs are always added)."),
+    prompt: list[str] = typer.Option([], "--prompt", help="Judge these prompts instead (repeatable; grammar words)."),
+    seeds: str = typer.Option("0,1,2,3", "--seeds", help="Comma-separated seeds, one image per prompt and seed."),
+    steps: int = typer.Option(20, "--steps"),
+    guidance: float = typer.Option(5.0, "--guidance"),
+    judge: str = typer.Option("eval", "--judge", help="eval (J_eval, default) or train (J_train)."),
+    output_dir: str = typer.Option("runs/eval_base", "--output-dir", "-o", help="Writes eval.json and grid.png here."),
+    device: str = typer.Option("auto", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+):
+    """Prompt accuracy, per-attribute accuracy, toy-FID and diversity of a base model on held-out prompts."""
+    from dcustom.errors import DcustomError
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        typer.secho(f"error: --seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2,3.", fg="red", err=True)
+        raise typer.Exit(2)
+    try:
+        from dcustom.models import load_pipeline
+        from dcustom.toyworld.evaluate import evaluate_pipeline, heldout_prompts
+
+        pipe = load_pipeline(model, dtype=dtype, device=device)
+        report = evaluate_pipeline(pipe, list(prompt) or heldout_prompts(prompts), seed_list, judge=judge,
+                                   steps=steps, guidance=guidance, out_dir=output_dir)
+    except DcustomError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2)
+    acc = report["accuracy"]
+    typer.echo(f"model {model}  judge J_{judge}  {report['prompts']} prompts x {len(seed_list)} seeds")
+    typer.echo("accuracy  " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    for name, group in report["groups"].items():
+        typer.echo(f"  {name:14s}" + "  ".join(f"{k} {v:.3f}" for k, v in group.items() if k != "images"))
+    typer.echo(f"toy-FID {report['toy_fid']:.3f}  diversity {report['diversity']:.4f} "
+               f"(renders {report['reference_diversity']:.4f})")
+    typer.echo(report["files"]["json"])

@@ -1,0 +1,94 @@
+"""`ToyBaseConfig`: the recipe that trains the embedded toy model (torch-free schema)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Literal
+
+from dcustom.config import opt
+
+
+@dataclass
+class ToyModelConfig:
+    vae_channels: List[int] = opt([32, 64, 128], "AutoencoderKL block widths; 3 blocks = two 2x downsamples: 64x64 -> 16x16.")
+    vae_layers_per_block: int = opt(1, "ResNet layers per VAE block.")
+    latent_channels: int = opt(4, "Latent channels (SD uses 4).")
+    text_hidden: int = opt(128, "CLIPTextModel hidden size (= UNet cross-attention dim).")
+    text_layers: int = opt(3, "CLIPTextModel transformer layers.")
+    text_heads: int = opt(4, "CLIPTextModel attention heads.")
+    text_max_length: int = opt(32, "Tokenizer model_max_length (captions are at most ~16 tokens).")
+    unet_channels: List[int] = opt([64, 128, 160], "UNet block widths at 16x16, 8x8, 4x4 (7.2 M parameters: 14.5 MB in fp16, under the 16 MiB file limit).")
+    unet_layers_per_block: int = opt(1, "ResNet layers per UNet block.")
+    unet_head_dim: int = opt(32, "Channels per attention head in the UNet.")
+    unet_cross_attention_levels: int = opt(2, "How many of the highest-resolution UNet levels get cross-attention "
+                                           "(the mid block always has it).")
+
+
+@dataclass
+class TextStageConfig:
+    steps: int = opt(1500, "Text-encoder alignment steps (0 skips the stage).")
+    batch_size: int = opt(512, "Captions per step.")
+    lr: float = opt(1e-3, "AdamW learning rate.")
+    freeze_after: bool = opt(True, "Freeze the text encoder for the UNet stage (a fixed, pre-aligned conditioning).")
+
+
+@dataclass
+class VaeStageConfig:
+    steps: int = opt(4000, "AutoencoderKL steps.")
+    batch_size: int = opt(128, "Images per step.")
+    lr: float = opt(1e-3, "AdamW learning rate (cosine decay, 200 warmup steps).")
+    kl_weight: float = opt(1e-6, "KL term weight (SD-like: tiny, latents stay informative).")
+    object_weight: float = opt(2.0, "Extra reconstruction weight on object pixels.")
+
+
+@dataclass
+class UnetStageConfig:
+    steps: int = opt(12000, "UNet optimizer steps.")
+    batch_size: int = opt(256, "Latents per step.")
+    lr: float = opt(1e-3, "Peak AdamW learning rate.")
+    warmup_steps: int = opt(500, "Linear warmup steps.")
+    min_lr_ratio: float = opt(0.05, "Cosine decay floor as a fraction of lr.")
+    weight_decay: float = opt(0.01, "AdamW weight decay.")
+    grad_clip: float = opt(1.0, "Max gradient norm.")
+    object_weight: float = opt(4.0, "Loss weight on latent pixels covered by the object is 1 + object_weight.")
+    min_snr_gamma: float = opt(5.0, "Min-SNR-gamma timestep weighting (0 disables).")
+    cond_dropout: float = opt(0.1, "Probability of training on the empty caption (classifier-free guidance).")
+    ema_decay: float = opt(0.999, "EMA of the UNet weights, used for evaluation and export (0 disables).")
+
+
+@dataclass
+class CurveConfig:
+    every: int = opt(1000, "Measure per-attribute judge accuracy every N UNet steps (and at the end).")
+    prompts: int = opt(48, "Held-out prompts per measurement (fixed seed).")
+    sampling_steps: int = opt(20, "DDIM steps when sampling for the curve.")
+    guidance: float = opt(5.0, "Classifier-free guidance scale when sampling for the curve.")
+    judge: Literal["eval", "train"] = opt("eval", "Judge that reports the curve (J_eval only ever reports).")
+
+
+@dataclass
+class ToyBaseConfig:
+    method: str = opt("toy_base", "Recipe id (do not change).")
+    output_dir: str = opt("runs/toy_base", "Run folder: config.yaml, events.jsonl, checkpoints/, learning_curve.*, model/.")
+    seed: int = opt(0, "Seed of everything: data pool, captions, noise, initial weights.")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
+    mixed_precision: Literal["auto", "no", "bf16"] = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU.")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default).")
+    compile: bool = opt(False, "torch.compile the UNet (CUDA only).")
+    pool_size: int = opt(200_000, "Rendered training images (base split only), encoded to latents once.")
+    captions_per_image: int = opt(4, "Captions pre-drawn per image (synonyms, templates); one is picked per step.")
+    render_workers: int = opt(0, "Processes rendering the pool (0 = one per CPU core, at most 16).")
+    min_size: float = opt(30.0, "Smallest object diameter in pixels (larger objects bind shape better).")
+    max_size: float = opt(54.0, "Largest object diameter in pixels.")
+    max_angle: float = opt(15.0, "Largest object rotation in degrees.")
+    caption_detail: float = opt(0.2, "Probability of adding size / position words to a caption.")
+    model: ToyModelConfig = opt(ToyModelConfig(), "Architecture.")
+    text: TextStageConfig = opt(TextStageConfig(), "Stage 1: align the text encoder to the grammar's attributes.")
+    vae: VaeStageConfig = opt(VaeStageConfig(), "Stage 2: the autoencoder.")
+    unet: UnetStageConfig = opt(UnetStageConfig(), "Stage 3: the denoiser on cached latents.")
+    curve: CurveConfig = opt(CurveConfig(), "Learning curve.")
+    checkpoint_every: int = opt(2000, "Save a resumable checkpoint every N optimizer steps (all stages counted).")
+    keep_checkpoints: int = opt(2, "Checkpoints kept (older ones are deleted).")
+    resume: bool = opt(True, "Continue from the newest checkpoint in output_dir if there is one.")
+    install: bool = opt(False, "Copy the final model into the package as builtin:toy (refused unless shape accuracy "
+                              "reaches install_min_shape_accuracy).")
+    install_min_shape_accuracy: float = opt(0.8, "Minimum final J_eval shape accuracy for install.")
