@@ -29,7 +29,7 @@ class Cond:
 
 
 def _time_ids(pipe, batch: int, device, dtype) -> torch.Tensor:
-    size = pipe.default_sample_size * pipe.vae_scale_factor
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     # original size, crop top-left, target size: the defaults of a plain SDXL call.
     ids = torch.tensor([[size, size, 0, 0, size, size]], device=device, dtype=dtype)
     return ids.repeat(batch, 1)
