@@ -111,3 +111,26 @@ def test_lora_trains_only_selected_layers_and_reloads(tmp_path, tiny_pipe, kind,
     assert abs(images(fresh) - trained).max() <= 1e-4
     assert abs(images(load_erasure(tiny_pipe(kind), result.run_dir)) - trained).max() <= 1e-4
     assert read_metadata(result.run_dir)["algorithm"] == algorithm
+
+
+def test_resume_continues_exactly(tmp_path, tiny_pipe):
+    from safetensors.torch import load_file
+
+    from dcustom.trainers.erasure.artifacts import LORA_FILE
+    from dcustom.trainers.erasure.run import run
+
+    straight = run(make_cfg(tmp_path / "a"), pipe=tiny_pipe("sd15"), progress=False)
+    stop = {"now": False}
+
+    def on_event(event):
+        stop["now"] = stop["now"] or (event["event"] == "step" and event["step"] == 1)
+
+    first = run(make_cfg(tmp_path / "b"), pipe=tiny_pipe("sd15"), progress=False, on_event=on_event,
+                should_stop=lambda: stop["now"])
+    assert first.info["status"] == "cancelled" and first.info["steps"] == 1
+    resumed = run(make_cfg(tmp_path / "b", train={"output_dir": str(tmp_path / "b" / "run"), "device": "cpu", "steps": 2,
+                                                  "lr": 1e-3, "checkpoint_every": 0, "resume": "latest"}),
+                  pipe=tiny_pipe("sd15"), progress=False)
+    assert resumed.info["steps"] == 2
+    a, b = load_file(str(straight.run_dir / LORA_FILE)), load_file(str(resumed.run_dir / LORA_FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -175,3 +175,19 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(ErasureTrainConfig, overrides=["uce.lam=0"])
     with pytest.raises(DcustomError, match="esd.train_mode 'weights' writes save_format 'full'; set save_format to auto or full"):
         make_cfg(tmp_path, algorithm="esd_u", esd={"train_mode": "weights"}, save_format="lora")
+
+
+def test_cli_train_erasure_uce(tmp_path, cli):
+    from pathlib import Path
+
+    from dcustom.trainers.erasure.artifacts import LORA_FILE, read_metadata
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "erasure.yaml"
+    code, out, err = cli("train", "erasure", "--config", config, "--set", "model=tiny:sd15", "--set", "erase=[star]",
+                         "--set", "preserve=[circle,square]", "--set", f"train.output_dir={tmp_path / 'run'}",
+                         "--set", "train.device=cpu")
+    assert code == 0, err
+    assert str(tmp_path / "run" / LORA_FILE) in out
+    assert read_metadata(tmp_path / "run")["preserve"] == ["circle", "square"]
+    code, _, err = cli("train", "erasure", "--config", config, "--set", "algorithm=esd")
+    assert code == 2 and "algorithm" in err and "'uce', 'esd_x', 'esd_u'" in err
