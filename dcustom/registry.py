@@ -43,6 +43,9 @@ METHODS: dict[str, Method] = {
                   "Orthogonal fine-tuning (peft OFTv2) adapter from a few images."),
     "boft": Method("boft", "train", "dcustom.trainers.adapter.config:BoftTrainConfig", "dcustom.trainers.adapter.trainer:run",
                    "Butterfly orthogonal fine-tuning (peft BOFT) adapter from a few images."),
+    "textual_inversion": Method("textual_inversion", "train", "dcustom.trainers.textual_inversion.config:TextualInversionTrainConfig",
+                                "dcustom.trainers.textual_inversion.trainer:run",
+                                "Textual inversion: new token vectors; with adapter lora/oft, pivotal tuning (both files)."),
     "reward": Method("reward", "train", "dcustom.trainers.reward.config:RewardTrainConfig", "dcustom.trainers.reward.trainer:run",
                      "Reward fine-tuning by backpropagation through sampling (AlignProp, DRaFT, DRaFT-K/-LV); a UNet LoRA."),
 }

@@ -1,0 +1,318 @@
+"""Textual inversion (new token vectors) and pivotal tuning (the vectors plus a LoRA/OFT adapter).
+
+Runs inside `dcustom.trainers.loop` and reuses the adapter trainer's data, noise, timestep and loss
+code (`AdapterMethod`: cached latents, buckets, flips, ε/v targets, min-SNR-γ, SDXL conditioning,
+validation samples) and its peft injection; only the text side differs.
+
+How only the new rows learn: the tokens are added to each tokenizer and the embedding matrix grows
+by their rows, but the matrix itself stays frozen. The trainable parameter is a small
+[new rows, dim] tensor per text encoder; a forward hook on the token-embedding module splices
+`anchor + scale * delta` into the looked-up embeddings during `training_step`, so gradients reach
+only these rows. After every optimizer step the rows are written into the matrix (so the pipeline
+samples and saves with its ordinary modules) and parameters that are in a frozen phase (the vectors
+after `embedding_fraction`, the adapter before its start step) are restored to their snapshot; the
+rest of the text encoder is never a parameter, so it stays bit-identical. `scale` is
+embedding_lr / train.lr, which gives the vectors their own learning rate under the loop's single
+AdamW (Adam's step is scale-free, so the rows move by about embedding_lr per step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from dcustom.config import to_dict
+from dcustom.errors import DcustomError
+from dcustom.trainers.adapter.config import LoraTrainConfig, OftTrainConfig
+from dcustom.trainers.adapter.trainer import AdapterMethod, peft_config_for
+from dcustom.trainers.loop import LoopContext, run_training
+from dcustom.trainers.textual_inversion.config import TextualInversionTrainConfig
+
+log = logging.getLogger("dcustom.train")
+
+# Our own short template sets: the token stands for the subject ("object") or for the look ("style").
+OBJECT_TEMPLATES = (
+    "a photo of a {}", "a picture of a {}", "a photo of the {}", "a close-up photo of a {}", "a bright photo of a {}",
+    "a dark photo of the {}", "a small {}", "a large {}", "a cropped photo of the {}", "a good photo of a {}",
+    "a rendering of a {}", "a photo of one {}",
+)
+STYLE_TEMPLATES = (
+    "a painting in the style of {}", "a picture in the style of {}", "a drawing in the style of {}",
+    "an image in the style of {}", "a rendering in the style of {}", "a small painting in the style of {}",
+    "a large picture in the style of {}", "artwork in the style of {}", "a cropped painting in the style of {}",
+)
+
+
+@dataclass
+class TokenSlot:
+    """The new rows of one text encoder: their ids, initial values and the trainable offset."""
+
+    attr: str  # pipeline attribute of the text encoder
+    text_encoder: object
+    tokenizer: object
+    ids: list  # token ids of every new row, token by token (tok, tok_1, ...)
+    anchor: object  # [rows, dim] fp32 initial vectors
+    delta: object  # torch.nn.Parameter [rows, dim]: the rows are anchor + scale * delta
+    lookup: object  # LongTensor [vocab]: row index of each new id, -1 elsewhere
+    spans: list  # per placeholder token: slice of its rows
+
+
+def adapter_config(cfg: TextualInversionTrainConfig):
+    """The adapter trainer's config for the pivotal-tuning adapter (drives peft injection, checks and files)."""
+    o = cfg.adapter_options
+    common = dict(model=cfg.model, data=cfg.data, train=cfg.train, target_modules=list(o.target_modules))
+    if cfg.adapter == "lora":
+        return LoraTrainConfig(rank=o.rank, alpha=o.alpha, dropout=o.dropout, write_kohya=o.write_kohya, **common)
+    if cfg.adapter == "oft":
+        return OftTrainConfig(block_size=o.block_size, extract_rank=0, write_merged=False, **common)
+    raise DcustomError(f"adapter: {cfg.adapter!r} is not known; accepted: none, lora, oft.")
+
+
+class TextualInversionMethod(AdapterMethod):
+    def __init__(self, cfg: TextualInversionTrainConfig, pipe=None):
+        super().__init__(cfg, pipe)
+        self.adapter = None  # AdapterMethod of the pivotal-tuning adapter (injection, checks, files)
+        self.adapter_params = {}
+        self.frozen_deltas = None
+        self.held_adapter = None
+
+    # --- loop interface -------------------------------------------------------------------
+    def setup(self, ctx: LoopContext):
+        from diffusers import DDPMScheduler
+
+        from dcustom.families import prediction_type
+        from dcustom.models import family_of, load_pipeline
+
+        cfg = self.cfg
+        self.ctx = ctx
+        if self.pipe is None:
+            self.pipe = load_pipeline(cfg.model, dtype="fp32", device=str(ctx.device))
+        pipe = self.pipe
+        pipe.to(ctx.device)
+        self.family = family_of(pipe)
+        self.prediction = prediction_type(pipe)
+        if self.prediction not in ("epsilon", "v_prediction"):
+            raise DcustomError(f"model {cfg.model!r} predicts {self.prediction!r}; accepted: epsilon or v_prediction.")
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.text_encoders = [getattr(pipe, n) for n in self.family.text_encoders]
+        for module in [pipe.unet, pipe.vae, *self.text_encoders]:
+            module.requires_grad_(False)
+        self.train_te = False  # no text-encoder LoRA: only the new rows learn on the text side
+        self.scale = cfg.embedding_lr / ctx.cfg.lr if cfg.embedding_lr else 1.0
+        self.slots = [self._add_tokens(attr, tok) for attr, tok in zip(self.family.text_encoders, self.family.tokenizers)]
+        if cfg.adapter != "none":
+            self.adapter = AdapterMethod(adapter_config(cfg), pipe)
+            self.adapter._check_targets(pipe.unet)
+            pipe.unet.add_adapter(peft_config_for(self.adapter.cfg))
+        # The UNet was frozen above, so what requires grad now is exactly the adapter.
+        self.adapter_params = {f"unet.{n}": p for n, p in pipe.unet.named_parameters() if p.requires_grad}
+        pipe.unet.to(dtype=ctx.weight_dtype)
+        for te in self.text_encoders:
+            te.to(dtype=ctx.weight_dtype)
+        self._write_rows()
+        if ctx.cfg.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+        pipe.unet.train()
+        self.examples = self._prepare_examples()
+        self._check_captions()
+        self.class_examples = self._prepare_class_examples() if cfg.data.prior.enabled else []
+        self.text_cache = {}  # never cached: the new rows change every step
+        self.embedding_steps = round(cfg.embedding_fraction * ctx.cfg.steps)
+        return list(range(len(self.examples)))
+
+    def trainable_parameters(self):
+        named = {f"embeddings.{slot.attr}": slot.delta for slot in self.slots}
+        named.update(self.adapter_params)
+        return named
+
+    def training_step(self, batch, step):
+        import torch
+
+        train_vectors = step < self.embedding_steps
+        if not train_vectors and self.frozen_deltas is None:
+            self.frozen_deltas = [slot.delta.detach().clone() for slot in self.slots]
+        hold = self.adapter is not None and step < self.cfg.adapter_options.start_step
+        if hold and self.held_adapter is None:
+            self.held_adapter = {n: p.detach().clone() for n, p in self._adapter_params().items()}
+        examples = [self._with_prompt(self.examples[i]) for i in batch]
+        with self._spliced(train_vectors), self._adapter_frozen(hold):
+            loss = self._loss(examples)
+            if self.class_examples:
+                picks = torch.randint(len(self.class_examples), (len(examples),)).tolist()
+                loss = loss + self.cfg.data.prior.loss_weight * self._loss([self.class_examples[i] for i in picks])
+        return loss
+
+    def after_optimizer_step(self, step):
+        import torch
+
+        done = step - 1  # the 0-based step just applied
+        with torch.no_grad():
+            if done >= self.embedding_steps and self.frozen_deltas is not None:
+                for slot, saved in zip(self.slots, self.frozen_deltas):
+                    slot.delta.copy_(saved)
+            if self.held_adapter is not None:
+                params = self._adapter_params()
+                for name, saved in self.held_adapter.items():
+                    params[name].copy_(saved)
+                if done + 1 >= self.cfg.adapter_options.start_step:
+                    self.held_adapter = None
+        self._write_rows()
+
+    def save(self, folder: Path) -> list[Path]:
+        from dcustom.adapters import files
+        from dcustom.adapters.embeddings import save_embedding
+
+        cfg = self.cfg
+        method = "textual_inversion" if self.adapter is None else f"textual_inversion+{cfg.adapter}"
+        meta = files.dcustom_metadata(method, cfg.model, self.family.name, to_dict(cfg), "textual_inversion")
+        out = []
+        rows = {slot.attr: self.rows(slot).detach().float().cpu() for slot in self.slots}
+        for i, token in enumerate(cfg.tokens):
+            vectors = {slot.attr: rows[slot.attr][slot.spans[i]] for slot in self.slots}
+            out += save_embedding(folder, token, vectors, self.family.name, meta, single=len(cfg.tokens) == 1)
+        if self.adapter is not None:
+            self.adapter.ctx, self.adapter.family, self.adapter.train_te = self.ctx, self.family, False
+            out += self.adapter.save(folder)
+        return out
+
+    # --- the new rows ----------------------------------------------------------------------
+    def rows(self, slot: TokenSlot, trainable: bool = False):
+        delta = slot.delta if trainable else slot.delta.detach()
+        return slot.anchor.to(delta.device) + self.scale * delta
+
+    def _add_tokens(self, attr: str, tokenizer_attr: str) -> TokenSlot:
+        """Add every placeholder (and its _1.. names) to one tokenizer; grow the frozen matrix; set initial rows."""
+        import torch
+
+        from dcustom.adapters.embeddings import existing_token, token_names
+
+        cfg = self.cfg
+        te, tok = getattr(self.pipe, attr), getattr(self.pipe, tokenizer_attr)
+        base = te.get_input_embeddings().weight.detach().float().clone()
+        names, anchors, spans = [], [], []
+        for i, token in enumerate(cfg.tokens):
+            for name in token_names(token, cfg.num_vectors):
+                how = existing_token(tok, name)
+                if how:
+                    raise DcustomError(f"tokens: {name!r} already exists in the {tokenizer_attr} as {how}; pick a new "
+                                       "word such as '<my-subject>' (an existing word would change its meaning).")
+            word = cfg.init_words[i] if len(cfg.init_words) > 1 else cfg.init_words[0]
+            anchors.append(self._initial_rows(base, tok, word, token))
+            spans.append(slice(len(names), len(names) + cfg.num_vectors))
+            names += token_names(token, cfg.num_vectors)
+        tok.add_tokens(names)
+        for token in cfg.tokens:
+            pieces = tok.tokenize(f"a {token}")
+            if token not in pieces:
+                raise DcustomError(f"tokens: {token!r} is not kept whole by the {tokenizer_attr} (it reads {pieces[1:]}); "
+                                   "use a lowercase word without spaces, e.g. '<my-subject>'.")
+        te.resize_token_embeddings(len(tok), mean_resizing=False)
+        te.get_input_embeddings().weight.requires_grad_(False)
+        ids = tok.convert_tokens_to_ids(names)
+        lookup = torch.full((len(tok),), -1, dtype=torch.long)
+        lookup[torch.tensor(ids)] = torch.arange(len(ids))
+        anchor = torch.cat(anchors).to(te.device)
+        delta = torch.nn.Parameter(torch.zeros_like(anchor))
+        return TokenSlot(attr, te, tok, ids, anchor, delta, lookup, spans)
+
+    def _initial_rows(self, base, tok, word: str, token: str):
+        """num_vectors rows from a word: its sub-tokens one each when the counts match, else their mean."""
+        n = self.cfg.num_vectors
+        if not word.strip():
+            return base.mean(0, keepdim=True).repeat(n, 1)
+        ids = tok(word, add_special_tokens=False).input_ids
+        if not ids:
+            raise DcustomError(f"init_words: {word!r} (for {token!r}) gives no tokens; pick a plain word such as 'toy', or '' for the vocabulary mean.")
+        vecs = base[ids]
+        return vecs.clone() if len(ids) == n else vecs.mean(0, keepdim=True).repeat(n, 1)
+
+    def _write_rows(self) -> None:
+        """Put the current rows into the (frozen) embedding matrices, so the plain pipeline uses them."""
+        import torch
+
+        with torch.no_grad():
+            for slot in self.slots:
+                weight = slot.text_encoder.get_input_embeddings().weight
+                weight[torch.tensor(slot.ids, device=weight.device)] = self.rows(slot).to(weight.device, weight.dtype)
+
+    @contextlib.contextmanager
+    def _spliced(self, active: bool):
+        """During a training step, route the new rows' lookups to `anchor + scale * delta` (with gradients)."""
+        import torch
+
+        handles = []
+
+        def make_hook(slot):
+            def hook(module, args, output):
+                ids = args[0]
+                pos = slot.lookup.to(ids.device)[ids]
+                mask = pos >= 0
+                if not bool(mask.any()):
+                    return output
+                picked = self.rows(slot, trainable=True).to(output.device, output.dtype)[pos.clamp(min=0)]
+                return torch.where(mask.unsqueeze(-1), picked, output)
+            return hook
+
+        try:
+            if active:
+                for slot in self.slots:
+                    handles.append(slot.text_encoder.get_input_embeddings().register_forward_hook(make_hook(slot)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    # --- the adapter of pivotal tuning -------------------------------------------------------
+    def _adapter_params(self) -> dict:
+        return dict(self.adapter_params)
+
+    @contextlib.contextmanager
+    def _adapter_frozen(self, hold: bool):
+        """Before the adapter's start step, run it without gradients (it stays at its identity init)."""
+        params = list(self._adapter_params().values()) if hold else []
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    # --- prompts -------------------------------------------------------------------------------
+    def _with_prompt(self, example):
+        import torch
+
+        if self.cfg.prompts == "captions":
+            return example
+        templates = STYLE_TEMPLATES if self.cfg.learnable_property == "style" else OBJECT_TEMPLATES
+        template = templates[int(torch.randint(len(templates), ()).item())]
+        return replace(example, caption=template.format(" ".join(self.cfg.tokens)))
+
+    def _check_captions(self) -> None:
+        if self.cfg.prompts != "captions":
+            return
+        without = [ex.caption for ex in self.examples if not any(t in ex.caption for t in self.cfg.tokens)]
+        if len(without) == len(self.examples):
+            raise DcustomError(f"data: no caption contains a placeholder token ({', '.join(self.cfg.tokens)}), e.g. "
+                               f"{without[0]!r}; put the token in data.instance_prompt or the .txt captions, or use prompts: templates.")
+        if without:
+            log.warning("%d of %d captions contain no placeholder token (e.g. %r); they train the adapter only.",
+                        len(without), len(self.examples), without[0])
+
+
+def train(cfg: TextualInversionTrainConfig, pipe=None, on_event=None, should_stop=None, progress: bool = True):
+    """Python API: textual inversion (or pivotal tuning); returns the loop's TrainResult (run folder, files)."""
+    method = TextualInversionMethod(cfg, pipe=pipe)
+    result = run_training(method, cfg.train, run_config=cfg, on_event=on_event, should_stop=should_stop, progress=progress)
+    result.method = method
+    return result
+
+
+def run(cfg: TextualInversionTrainConfig):
+    """Registry entry point (`dcustom train textual_inversion`)."""
+    result = train(cfg)
+    for path, why in result.method.skipped:
+        print(f"skipped {path}: {why}")
+    return result
