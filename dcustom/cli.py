@@ -26,6 +26,7 @@ app.add_typer(_eval_commands.app, name="eval")
 import dcustom.commands.eval_erasure  # noqa: E402,F401  (registers `dcustom eval erasure`, torch-free)
 app.add_typer(__import__("dcustom.commands.app", fromlist=["app"]).app, name="app")  # `dcustom app`: the web UI
 app.add_typer(__import__("dcustom.commands.toyworld", fromlist=["app"]).app, name="toyworld")  # torch-free
+app.add_typer(__import__("dcustom.commands.adapters", fromlist=["app"]).app, name="adapters")  # inspect|convert|merge|extract
 
 SET_HELP = "Dotted override, e.g. --set optimizer.lr=1e-4 (repeatable)."
 
@@ -53,6 +54,7 @@ def generate(
     dtype: str = typer.Option(None, "--dtype"),
     config: Optional[Path] = typer.Option(None, "--config", help="A generate YAML (see `dcustom config print generate`)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
+    adapter: List[str] = typer.Option([], "--adapter", "-a", help="Adapter 'path' or 'path:weight' (repeatable; they stack)."),
 ):
     """Generate images; writes PNGs with their parameters in PNG text metadata and prints the paths."""
     from dcustom.config import load_config
@@ -60,7 +62,7 @@ def generate(
 
     flags = dict(prompt=prompt, model=model, model_config=model_config, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                  seed=seed, width=width, height=height, count=count, scheduler=scheduler,
-                 output_dir=output_dir, device=device, dtype=dtype)
+                 output_dir=output_dir, device=device, dtype=dtype, adapters=list(adapter) or None)
     try:
         cfg = load_config(GenerateConfig, config, overrides=list(set_) + overrides_as_yaml_strings(flags))
     except DcustomError as exc:

@@ -152,6 +152,16 @@ def test_oversized_upload_is_refused(app):
         client.predict([handle_file(str(big))], *train_args(), api_name="/train_start")
 
 
+def test_oversized_upload_is_refused_by_the_server(app):
+    """Not only the client's check: a raw HTTP upload over the limit is refused too."""
+    import httpx
+
+    _, client, _ = app
+    response = httpx.post(client.src.rstrip("/") + "/gradio_api/upload",
+                          files={"files": ("big.png", os.urandom(600 * 1024), "image/png")})
+    assert response.status_code == 413, response.text
+
+
 def wait_for(client, job_id, until, timeout=240):
     start = time.time()
     while time.time() - start < timeout:
@@ -191,6 +201,23 @@ def test_train_queue_stop_and_use_the_adapter(app):
     px = [np.asarray(Image.open(g[0]["image"]), dtype=np.int16) for g in (plain, with_lora, switched_off)]
     assert np.array_equal(px[0], px[2])  # a disabled slot and unloading leave the base model untouched
     assert np.abs(px[0] - px[1]).max() > 0  # the adapter changes the drawing
+
+    # The Adapters tab works on the same library.
+    info = client.predict("subject-lora", api_name="/inspect_adapter")
+    info = json.loads(info) if isinstance(info, str) else info
+    summary = info["files"]["pytorch_lora_weights.safetensors"]
+    assert summary["method"] == "lora" and summary["family"] == "sd1" and summary["parameters"] > 0
+    assert "method: lora" in info["training_config"]
+    lora_file = state.paths.adapters / "subject-lora" / "pytorch_lora_weights.safetensors"
+    message, table, *_ = client.predict(handle_file(str(lora_file)), "copy", api_name="/import_adapter")
+    assert "Imported `copy`" in message and ["copy", "pytorch_lora_weights.safetensors"] in table["data"]
+    with pytest.raises(Exception, match="adapter name: 'copy' is already taken"):
+        client.predict(handle_file(str(lora_file)), "copy", api_name="/import_adapter")
+    message, table, *_ = client.predict("copy", api_name="/delete_adapter")
+    assert "Deleted `copy`" in message and not (state.paths.adapters / "copy").exists()
+    with pytest.raises(Exception, match="adapter: '../runs' is not a valid name"):
+        client.predict("../runs", api_name="/delete_adapter")
+    assert state.paths.runs.is_dir()
 
 
 def test_stop_a_running_job(app):

@@ -16,7 +16,7 @@ TITLE = "dcustom"
 def build_app(state: AppState):
     import gradio as gr
 
-    from dcustom.app.tabs import generate, train
+    from dcustom.app.tabs import adapters, generate, train
 
     with gr.Blocks(title=TITLE, delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown(f"### dcustom · data folder `{state.paths.root}`", elem_id="app_header")
@@ -25,7 +25,10 @@ def build_app(state: AppState):
                 gen = generate.build(state)
             with gr.Tab("Train", id="train", elem_id="tab_train"):
                 train.build(state, state.training, gen["adapter_dropdowns"])
-        demo.load(gen["refresh"], None, gen["adapter_dropdowns"], queue=False, api_visibility="private")
+            with gr.Tab("Adapters", id="adapters", elem_id="tab_adapters"):
+                lib = adapters.build(state, gen["adapter_dropdowns"])
+        rows, outputs = lib["load"]
+        demo.load(rows, None, outputs, queue=False, api_visibility="private")
     demo.dcustom_tabs = tabs
     return demo
 
