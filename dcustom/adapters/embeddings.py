@@ -95,8 +95,11 @@ def _read_state(path: Path):
 
 
 def _first_line(exc: Exception) -> str:
+    """The library's own reason, cut to its first sentence (our message stays one sentence)."""
     text = str(exc).strip()
-    return (text.splitlines()[0][:200] if text else type(exc).__name__)
+    if not text:
+        return type(exc).__name__
+    return text.splitlines()[0].split(". ")[0].rstrip(".")[:200]
 
 
 def _as_vectors(value, path: Path, what: str):
@@ -198,8 +201,9 @@ def check_embedding(pipe, emb: Embedding) -> list[tuple[str, object]]:
         for name in token_names(emb.token, vectors.shape[0]):
             how = existing_token(tok, name)
             if how:
+                fix = " or unload it first" if how == "an added token" else ""
                 raise DcustomError(f"{where}: token {name!r} already exists in this pipeline's {attr.replace('text_encoder', 'tokenizer')} "
-                                   f"as {how}; pass another token name (token=...) or unload it first.")
+                                   f"as {how}; pass another token name (token=...){fix}.")
         plan.append((attr, vectors))
     return plan
 

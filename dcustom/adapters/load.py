@@ -64,7 +64,14 @@ def _adapter_names(pipe) -> list[str]:
 
 
 def load_adapter(pipe, path, scale: float = 1.0, name: str | None = None, fuse: bool = False) -> str:
-    """Load one adapter onto `pipe` (stacking on earlier ones) with weight `scale`; returns its adapter name."""
+    """Load one adapter onto `pipe` (stacking on earlier ones) with weight `scale`; returns its adapter name.
+    Textual-inversion embeddings load too (a file, or learned_embeds*.safetensors in the folder, e.g. beside a
+    pivotal-tuning LoRA); an embedding alone returns its prompt word(s)."""
+    from dcustom.adapters.embeddings import pending_for
+
+    embeddings = pending_for(pipe, path)  # validated now, loaded after the adapter
+    if embeddings is not None and not embeddings.has_adapter:
+        return embeddings.apply(pipe)
     kind, target = resolve_adapter(path)
     weights_file = target if kind == "lora" else target / PEFT_WEIGHTS
     meta = read_metadata(weights_file)
@@ -86,7 +93,24 @@ def load_adapter(pipe, path, scale: float = 1.0, name: str | None = None, fuse: 
         pipe.set_adapters(lora_names, adapter_weights=[scales.get(n, 1.0) for n in lora_names])
     if fuse:
         pipe.fuse_lora(adapter_names=lora_names or None)
+    if embeddings is not None:
+        embeddings.apply(pipe)
     return name
+
+
+def apply_adapters(pipe, specs: list[str]) -> None:
+    """Make exactly `specs` ('path[:weight]') the pipeline's adapters, reusing what is already loaded."""
+    current = getattr(pipe, "_dcustom_adapter_specs", [])
+    if list(specs) == current:
+        return
+    if current:
+        pipe.unload_lora_weights()  # removes every peft layer (LoRA, OFT, BOFT) from the UNet and text encoders
+        pipe._dcustom_adapter_scales = {}
+    pipe._dcustom_adapter_specs = []
+    for spec in specs:
+        path, weight = parse_adapter_spec(spec)
+        load_adapter(pipe, path, scale=weight)
+    pipe._dcustom_adapter_specs = list(specs)
 
 
 def _lora_names(pipe) -> list[str]:
