@@ -27,6 +27,7 @@ import dcustom.commands.eval_erasure  # noqa: E402,F401  (registers `dcustom eva
 app.add_typer(__import__("dcustom.commands.app", fromlist=["app"]).app, name="app")  # `dcustom app`: the web UI
 app.add_typer(__import__("dcustom.commands.toyworld", fromlist=["app"]).app, name="toyworld")  # torch-free
 app.add_typer(__import__("dcustom.commands.adapters", fromlist=["app"]).app, name="adapters")  # inspect|convert|merge|extract
+app.command("style")(__import__("dcustom.commands.style", fromlist=["style"]).style)  # training-free style transfer
 
 SET_HELP = "Dotted override, e.g. --set optimizer.lr=1e-4 (repeatable)."
 

@@ -25,10 +25,13 @@ class Family:
 _SD_PRESETS = {
     "all_self": r".*attn1\.processor$",
     "all_cross": r".*attn2\.processor$",
-    # StyleID injects into the late decoder self-attention (the last up blocks).
-    "decoder_self": r"^up_blocks\.[1-9]\d*\..*attn1\.processor$",
-    "decoder_self_late": r"^up_blocks\.([2-9]|\d\d+)\..*attn1\.processor$",
+    # Every decoder self-attention (SD1.x: up_blocks.1-3; SDXL: up_blocks.0-1, 36 layers).
+    "decoder_self": r"^up_blocks\.\d+\..*attn1\.processor$",
+    # StyleID / MasaCtrl / FreeCustom: LDM output blocks 6-11 = SD1.x up_blocks.2 and up_blocks.3.
+    "decoder_self_late": r"^up_blocks\.[23]\..*attn1\.processor$",
     "mid_and_decoder_self": r"^(mid_block|up_blocks)\..*attn1\.processor$",
+    # InstantStyle's SD1.5 style blocks (cross-attention; experimental per its authors).
+    "instantstyle_style": r"^up_blocks\.1\..*attn2\.processor$",
 }
 
 FAMILIES: dict[str, Family] = {
@@ -43,8 +46,11 @@ FAMILIES: dict[str, Family] = {
         1024,
         {
             **_SD_PRESETS,
-            # SDXL has two up blocks with attention; the late decoder is the second one.
+            # SDXL's highest-resolution decoder attention is up_blocks.1 (Visual Style Prompting's default).
             "decoder_self_late": r"^up_blocks\.1\..*attn1\.processor$",
+            # InstantStyle: style in up_blocks.0.attentions.1, layout in down_blocks.2.attentions.1 (cross-attention).
+            "instantstyle_style": r"^up_blocks\.0\.attentions\.1\..*attn2\.processor$",
+            "instantstyle_layout": r"^down_blocks\.2\.attentions\.1\..*attn2\.processor$",
         },
     ),
 }

@@ -1,0 +1,144 @@
+"""Content + style → stylized image, for every style method, with either feature source.
+
+- "recorded" (two passes): features are recorded while inverting (which has to happen anyway), so
+  sampling is one batch-1 pass; costs feature memory (fp16, optionally offloaded, cached).
+- "in_batch" (one pass): the content/style references ride in the sampling batch and their
+  latents are replayed from the inversion trajectories before every UNet call, so they produce the
+  very features the recorded path would have stored; costs a larger batch, no feature store.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from dcustom.errors import DcustomError
+
+
+@dataclass
+class StyleResult:
+    image: object  # PIL
+    latents: object  # (1, C, h, w)
+    content: object  # PIL, fitted to the model
+    style: object
+    layers: list
+    applied: set
+    timings: dict = field(default_factory=dict)
+
+
+def _progress(on_step: Optional[Callable[[int, int], None]], total: int):
+    done = [0]
+
+    def tick():
+        done[0] += 1
+        if on_step is not None:
+            on_step(done[0], total)
+
+    return tick
+
+
+def stylize(pipe, content, style, cfg, cache=None, on_step=None) -> StyleResult:
+    """Stylize PIL image `content` with PIL image `style` by `cfg` (a StyleTransferConfig)."""
+    import torch
+
+    from dcustom.models import family_of
+    from dcustom.pipelines.adain import latent_adain
+    from dcustom.pipelines.hooks import resolve_layers, sampling_timesteps, steps_in_window
+    from dcustom.pipelines.images import fit, model_resolution
+    from dcustom.pipelines.injection import InBatchSource, RecordedSource
+    from dcustom.pipelines.inversion import InversionCache, ddim_scheduler, decode_latents, invert, sample_from
+    from dcustom.pipelines.style_injection import injection
+
+    if cfg.eta and cfg.inject_attention and cfg.feature_source == "in_batch":
+        raise DcustomError("eta > 0 cannot be used with feature_source 'in_batch' (the batch shares one noise draw with "
+                           "the replayed references); use eta 0 or feature_source 'recorded'.")
+    cache = cache if cache is not None else InversionCache(cfg.cache_dir)
+    height, width = model_resolution(pipe, cfg.resolution)
+    content, style = fit(content, width, height), fit(style, width, height)
+    inject = cfg.inject_attention
+    layers = resolve_layers(pipe.unet, cfg.layers, family_of(pipe)) if inject else []
+    recorded = inject and cfg.feature_source == "recorded"
+    use_q = cfg.gamma > 0
+    tick = _progress(on_step, 3 * cfg.steps)
+    common = dict(steps=cfg.steps, feature_dtype=cfg.feature_dtype, offload="cpu" if cfg.offload else None,
+                  cache=cache, height=height, width=width, on_step=tick)
+    timings = {}
+    t0 = time.perf_counter()
+    inv_c = invert(pipe, content, layers=layers if recorded and use_q else None, kinds=("q",), **common)
+    timings["invert_content_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    inv_s = invert(pipe, style, layers=layers if recorded else None, kinds=("k", "v"), **common)
+    timings["invert_style_s"] = time.perf_counter() - t0
+    timings["cache_hits"] = int(inv_c.cache_hit) + int(inv_s.cache_hit)
+
+    start = latent_adain(inv_c.zT, inv_s.zT) if cfg.init_adain else inv_c.zT
+    timesteps = sampling_timesteps(pipe, cfg.steps, ddim_scheduler(pipe))
+    active = steps_in_window(timesteps, cfg.step_start, cfg.step_end)
+    generator = torch.Generator(device="cpu" if pipe.device.type == "mps" else pipe.device).manual_seed(cfg.seed)
+    sample = dict(steps=cfg.steps, prompt=cfg.prompt, guidance=cfg.guidance, eta=cfg.eta, generator=generator)
+    applied: set = set()
+
+    def plain_callback(_pipe, _i, _t, tensors):
+        tick()
+        return tensors
+
+    t0 = time.perf_counter()
+    if not inject:
+        latents = sample_from(pipe, start, callback=plain_callback, **sample)
+    elif recorded:
+        source = RecordedSource(style=inv_s.features, content=inv_c.features if use_q else None)
+        with injection(pipe, layers, source, active, gamma=cfg.gamma, temperature=cfg.temperature,
+                       mode=cfg.mode) as gate:
+            latents = sample_from(pipe, start, callback=plain_callback, **sample)
+        applied = set(gate.applied)
+    else:
+        refs = [inv_c, inv_s] if use_q else [inv_s]
+        roles = ("content", "style", "target") if use_q else ("style", "target")
+        batch = torch.cat([inv.input_at(timesteps[0]) for inv in refs] + [start])
+
+        def replay(_pipe, i, _t, tensors):
+            # Before the next UNet call, put each reference back on its inversion trajectory.
+            tick()
+            lat = tensors["latents"]
+            if i + 1 < len(timesteps):
+                for row, inv in enumerate(refs):
+                    lat[row] = inv.input_at(timesteps[i + 1])[0].to(lat.dtype)
+            return {"latents": lat}
+
+        with injection(pipe, layers, InBatchSource(roles), active, gamma=cfg.gamma, temperature=cfg.temperature,
+                       mode=cfg.mode) as gate:
+            latents = sample_from(pipe, batch, callback=replay, **sample)[-1:]
+        applied = set(gate.applied)
+    timings["sample_s"] = time.perf_counter() - t0
+    image = decode_latents(pipe, latents)[0]
+    return StyleResult(image, latents, content, style, layers, applied, timings)
+
+
+def run_transfer(cfg, pipe=None, cache=None, on_step=None) -> str:
+    """Load model and images named by `cfg`, stylize, write result + grid PNGs; returns the result path."""
+    import json
+
+    from dcustom.config import to_dict
+    from dcustom.generate import save_png
+    from dcustom.models import load_pipeline
+    from dcustom.pipelines.images import grid, read_image
+
+    if not cfg.content:
+        raise DcustomError(f"{cfg.method}: no content image given; pass --content FILE (or content: in the YAML).")
+    if not cfg.style:
+        raise DcustomError(f"{cfg.method}: no style image given; pass --style FILE (or style: in the YAML).")
+    content = read_image(cfg.content, "content image")
+    style = read_image(cfg.style, "style image")
+    out = Path(cfg.output)
+    if out.suffix.lower() != ".png":
+        raise DcustomError(f"output {cfg.output!r} must be a .png file path.")
+    if pipe is None:
+        pipe = load_pipeline(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    result = stylize(pipe, content, style, cfg, cache=cache, on_step=on_step)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"dcustom": json.dumps({**to_dict(cfg), "layers": result.layers})}
+    save_png(result.image, out, meta)
+    save_png(grid([result.content, result.style, result.image]), out.with_name(out.stem + "-grid.png"), meta)
+    return str(out)
