@@ -6,6 +6,7 @@ with a shared concurrency id already serialises events, the lock also covers dir
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,12 +99,20 @@ class AppState:
                       steps=int(steps), guidance=float(guidance), seed=None if seed is None else int(seed),
                       width=int(width) if width else None, height=int(height) if height else None,
                       count=int(count), scheduler=scheduler, output_dir=str(self.paths.outputs), device=self.device)
+        from dcustom.app.library import adapter_folder
+
+        specs = [f"{adapter_folder(self.paths, name)}:{float(weight)}" for name, weight in adapters or []]
+        takes_adapters = "adapters" in {f.name for f in dataclasses.fields(GenerateConfig)}
+        if takes_adapters:  # generate() puts exactly these adapters on the pipeline (and takes old ones off)
+            values["adapters"] = specs
         try:
             cfg = from_dict(GenerateConfig, values)
         except ValueError as exc:
             raise DcustomError(str(exc)) from None
         with self.gpu:
             pipe = self.pipeline(model)
+            if takes_adapters:
+                return generate(cfg, pipe=pipe, on_step=on_step)
             with self.adapters_applied(pipe, adapters or []):
                 return generate(cfg, pipe=pipe, on_step=on_step)
 

@@ -42,9 +42,18 @@ class TrainForm:
 
 
 def train_methods() -> list[str]:
-    from dcustom.registry import methods_of_kind
+    """Registered training methods that learn a subject from an image folder (LoRA, OFT, BOFT, TI...)."""
+    from dcustom.registry import get_method, methods_of_kind
 
-    return methods_of_kind("train")
+    out = []
+    for method_id in methods_of_kind("train"):
+        try:
+            cls = get_method(method_id).config_class()
+        except ImportError:  # a method whose module is not importable here is simply not offered
+            continue
+        if field_path(cls, "images") and field_path(cls, "instance_prompt"):
+            out.append(method_id)
+    return out
 
 
 def field_path(cls, name: str) -> Optional[list[str]]:
@@ -89,7 +98,10 @@ def build_config(state, form: TrainForm, images_dir: Path, run_dir: Path):
     data["model"] = state.resolve_model(form.model)
     set_field(cls, data, ("images",), str(images_dir))
     set_field(cls, data, ("instance_prompt",), form.instance_prompt)
-    set_field(cls, data, ("placeholder_token", "token", "trigger"), form.trigger.strip())
+    if field_path(cls, "tokens"):  # textual inversion: the trigger is a new token, the class word its start
+        set_field(cls, data, ("tokens",), [form.trigger.strip()])
+        set_field(cls, data, ("init_words",), [form.class_word.strip() or "object"])
+        set_field(cls, data, ("instance_prompt",), f"a photo of {form.trigger.strip()}")
     set_field(cls, data, ("steps",), int(form.steps))
     set_field(cls, data, ("seed",), int(form.seed))
     set_field(cls, data, ("sample_every",), int(form.sample_every))
@@ -100,7 +112,7 @@ def build_config(state, form: TrainForm, images_dir: Path, run_dir: Path):
         set_field(cls, data, ("rank", "r"), int(form.rank))
     if form.resolution:
         set_field(cls, data, ("resolution",), int(form.resolution))
-    prompt = form.validation_prompt.strip() or form.instance_prompt
+    prompt = form.validation_prompt.strip() or field_value(data, cls, "instance_prompt")
     set_field(cls, data, ("validation_prompts",), [prompt]) or set_field(cls, data, ("validation_prompt",), prompt)
     set_field(cls, data, ("device",), state.device)
     overrides = [line.strip() for line in (form.overrides or "").splitlines() if line.strip()]
@@ -108,6 +120,13 @@ def build_config(state, form: TrainForm, images_dir: Path, run_dir: Path):
     set_field(cls, data, ("output_dir",), str(run_dir))  # after overrides: the app owns where runs go
     confine_paths(state, data)
     return from_dict(cls, data, "train settings")
+
+
+def field_value(data: dict, cls, name: str):
+    node = data
+    for part in field_path(cls, name):
+        node = node[part]
+    return node
 
 
 def confine_paths(state, data: dict, where: str = "") -> None:
