@@ -109,6 +109,12 @@ class RewardSampler:
         if steps < 1:
             raise DcustomError(f"sampler.steps: {steps} is not valid; at least 1 step is needed.")
         self.pipe, self.unet, self.vae = pipe, pipe.unet, pipe.vae
+        # Only the UNet's adapter trains: the VAE and text encoders must not build parameter graphs.
+        from dcustom.models import family_of
+
+        pipe.vae.requires_grad_(False)
+        for name in family_of(pipe).text_encoders:
+            getattr(pipe, name).requires_grad_(False)
         # DDIM with the pipeline's own noise schedule and prediction type (epsilon or v).
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.steps, self.guidance_scale, self.eta = steps, guidance_scale, eta

@@ -1,0 +1,119 @@
+"""`dcustom train reward` end to end on tiny:sd15 with the colourfulness reward, early stopping,
+and the builtin:toy quality checks (run only where the toy model is shipped)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dcustom.cli import app
+from dcustom.models import toy_model_dir
+
+SMALL = ["sampler.steps=2", "sampler.height=32", "sampler.width=32", "train.device=cpu", "train.checkpoint_every=0",
+         "eval.images_per_prompt=2", "eval.lora_scales=[0,1]"]
+
+
+def _train(tmp_path, *overrides):
+    args = ["train", "reward", "--config", "configs/reward.yaml", "--set", f"train.output_dir={tmp_path}"]
+    for o in SMALL + list(overrides):
+        args += ["--set", o]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads((tmp_path / "reward_report.json").read_text()), result.output
+
+
+def test_cli_run_raises_colourfulness_and_writes_a_loadable_lora(tmp_path):
+    report, output = _train(tmp_path, "train.steps=6", "train.sample_every=3", "policy.name=draft", "train.lr=1e-2")
+    evals = report["evaluations"]
+    assert [e["step"] for e in evals] == [0, 3, 6]
+    # measured on this config: 73.49 -> 74.69 (train reward) and 73.48 -> 74.70 (uint8 oracle)
+    assert evals[-1]["reward_train"] > evals[0]["reward_train"] + 0.3
+    assert evals[-1]["reward_eval"] > evals[0]["reward_eval"] + 0.3
+    assert report["eval_reward"] == "colourfulness_oracle" and report["hacking_gap"] is not None
+    assert [c["scale"] for c in report["lora_scale_curve"]] == [0, 1]
+    assert report["lora_scale_curve"][0]["reward_train"] == pytest.approx(evals[0]["reward_train"], abs=1e-3)
+    assert all(b["grad_calls"] == 2 for b in report["batch_rewards"])  # full chain at 2 steps
+    assert (tmp_path / "reward_report.png").is_file() or "matplotlib" not in str(report)
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "end" and events[-1]["status"] == "finished"
+    from dcustom.models import load_pipeline
+
+    pipe = load_pipeline("tiny:sd15", device="cpu", dtype="fp32")
+    pipe.load_lora_weights(str(tmp_path))
+    assert "finished at step 6" in output
+
+
+def test_early_stopping_keeps_the_best_lora(tmp_path):
+    # A negative coefficient makes training *lower* the reward, so the first evaluation after
+    # step 0 is worse and patience 1 stops the run; the kept LoRA is the best one: step 0 (B = 0).
+    report, _ = _train(tmp_path, "train.steps=6", "train.sample_every=2", "reward.coeff=-1", "train.lr=1e-2",
+                       "eval.early_stop_patience=1", "policy.name=draft")
+    assert report["early_stopped"] and report["best_step"] == 0
+    assert [e["step"] for e in report["evaluations"]] == [0, 2]
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    assert all(float(v.abs().max()) == 0.0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
+
+
+def test_bad_config_values_are_one_clear_sentence(tmp_path):
+    result = CliRunner().invoke(app, ["train", "reward", "--set", "policy.name=draft_q"])
+    assert result.exit_code == 2
+    assert "policy.name 'draft_q' is not known; accepted: draft, draft_k, draft_lv" in result.output
+    result = CliRunner().invoke(app, ["train", "reward", "--set", "prompt_file=/nonexistent.txt",
+                                      "--set", f"train.output_dir={tmp_path}", "--set", "train.device=cpu"])
+    assert result.exit_code == 2 and "prompt_file: '/nonexistent.txt' does not exist" in result.output
+
+
+TOY = toy_model_dir()
+needs_toy = pytest.mark.skipif(TOY is None, reason="builtin:toy is not shipped in this install (no toy model weights)")
+
+
+@pytest.mark.slow
+@needs_toy
+def test_toy_make_it_red_raises_j_eval_and_keeps_unrelated_prompts(tmp_path):
+    """On builtin:toy, a J_train 'make the object red' reward must raise the same quantity under
+    J_eval, and J_eval prompt accuracy on unrelated prompts must stay >= 90 % of base."""
+    from dcustom.toyworld.judges import load_judge
+    from dcustom.trainers.reward.lora import lora_scale
+
+    report, _ = _train(tmp_path, "model=builtin:toy", "reward.name=toy_attribute",
+                       "reward.options={head: colour, value: red}", "prompts=[a circle on a white background,"
+                       " a square on a gray background, a star on a white background]",
+                       "policy.name=draft_k", "policy.k=2", "sampler.steps=10", "sampler.height=null",
+                       "sampler.width=null", "train.steps=30", "train.sample_every=15", "train.lr=1e-3")
+    evals = report["evaluations"]
+    gain_eval = evals[-1]["reward_eval"] - evals[0]["reward_eval"]
+    assert gain_eval > 0.2, evals
+    # prompt accuracy on unrelated prompts, LoRA on vs off (J_eval)
+    from dcustom.models import load_pipeline
+    from dcustom.trainers.reward.policies import NoGrad
+    from dcustom.trainers.reward.sampler import RewardSampler
+    from dcustom.toyworld.grammar import parse_caption
+
+    pipe = load_pipeline("builtin:toy", device="cpu", dtype="fp32")
+    pipe.load_lora_weights(str(tmp_path))
+    judge = load_judge("eval")
+    prompts = ["a blue triangle on a black background", "a green square on a white background",
+               "a yellow circle on a gray background", "a orange cross on a white background"]
+    sampler = RewardSampler(pipe, steps=10, guidance_scale=5.0)
+
+    def accuracy():
+        hits = total = 0
+        with torch.no_grad():
+            for seed in range(2):
+                images = sampler.rollout(sampler.encode(prompts), NoGrad(), generator=torch.Generator().manual_seed(seed)).images
+                pred = judge.predict(images)
+                for i, p in enumerate(prompts):
+                    for head, cls in parse_caption(p).items():
+                        hits += pred[head]["labels"][i] == cls
+                        total += 1
+        return hits / total
+
+    trained = accuracy()
+    with lora_scale(pipe.unet, 0.0):
+        base = accuracy()
+    assert trained >= 0.9 * base, (trained, base)
