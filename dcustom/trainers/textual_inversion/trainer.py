@@ -137,6 +137,7 @@ class TextualInversionMethod(AdapterMethod):
         if hold and self.held_adapter is None:
             self.held_adapter = {n: p.detach().clone() for n, p in self._adapter_params().items()}
         examples = [self._with_prompt(self.examples[i]) for i in batch]
+        # The hook also serves frozen vectors: after a resume the matrix rows are only rewritten after a step.
         with self._spliced(train_vectors), self._adapter_frozen(hold):
             loss = self._loss(examples)
             if self.class_examples:
@@ -238,8 +239,9 @@ class TextualInversionMethod(AdapterMethod):
                 weight[torch.tensor(slot.ids, device=weight.device)] = self.rows(slot).to(weight.device, weight.dtype)
 
     @contextlib.contextmanager
-    def _spliced(self, active: bool):
-        """During a training step, route the new rows' lookups to `anchor + scale * delta` (with gradients)."""
+    def _spliced(self, trainable: bool):
+        """During a training step, route the new rows' lookups to `anchor + scale * delta` (with gradients
+        when `trainable`)."""
         import torch
 
         handles = []
@@ -251,14 +253,13 @@ class TextualInversionMethod(AdapterMethod):
                 mask = pos >= 0
                 if not bool(mask.any()):
                     return output
-                picked = self.rows(slot, trainable=True).to(output.device, output.dtype)[pos.clamp(min=0)]
+                picked = self.rows(slot, trainable).to(output.device, output.dtype)[pos.clamp(min=0)]
                 return torch.where(mask.unsqueeze(-1), picked, output)
             return hook
 
         try:
-            if active:
-                for slot in self.slots:
-                    handles.append(slot.text_encoder.get_input_embeddings().register_forward_hook(make_hook(slot)))
+            for slot in self.slots:
+                handles.append(slot.text_encoder.get_input_embeddings().register_forward_hook(make_hook(slot)))
             yield
         finally:
             for h in handles:
