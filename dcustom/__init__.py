@@ -14,6 +14,7 @@ _LAZY = {
     "GenerateConfig": "dcustom.generate_config:GenerateConfig",
     "load_config": "dcustom.config:load_config",
     "DcustomError": "dcustom.errors:DcustomError",
+    "load_adapter": "dcustom.adapters.load:load_adapter",
 }
 
 

@@ -96,6 +96,10 @@ def generate(cfg: GenerateConfig, pipe=None, on_step: Optional[Callable[[int, in
     if pipe is None:
         pipe = load_pipeline(cfg.model, dtype=cfg.dtype, device=cfg.device, config=cfg.model_config)
     set_scheduler(pipe, cfg.scheduler)
+    if cfg.adapters or getattr(pipe, "_dcustom_adapter_specs", None):
+        from dcustom.adapters.load import apply_adapters
+
+        apply_adapters(pipe, cfg.adapters)
     base_seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31 - cfg.count)
     seeds = [base_seed + i for i in range(cfg.count)]
     images = run_pipeline(pipe, cfg, seeds, on_step=on_step)

@@ -27,6 +27,7 @@ class GenerateConfig:
     output_dir: str = opt("outputs", "Folder the PNGs are written to.")
     dtype: str = opt("auto", "Weights precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
+    adapters: list[str] = opt([], "Adapters to apply: 'path' or 'path:weight' (LoRA files, kohya files, OFT/BOFT or run folders); they stack.")
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:

@@ -197,8 +197,12 @@ def svd_lora_from_merged(merged: dict, rank: int) -> tuple[dict, dict]:
         delta = (weight - base).float()
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         r = min(rank, S.numel())
-        up = U[:, :r] * S[:r]
-        down = Vh[:r]
+        up = torch.zeros(delta.shape[0], rank)
+        down = torch.zeros(rank, delta.shape[1])
+        # Zero-padded to one rank everywhere: diffusers' kohya loader mishandles per-module alpha patterns
+        # on cross-attention to_k/to_v, so a uniform rank with alpha = rank keeps every module at scale 1.
+        up[:, :r] = U[:, :r] * S[:r]
+        down[:r] = Vh[:r]
         approx = up @ down
         denom = delta.norm().item()
         errors[name] = (delta - approx).norm().item() / denom if denom > 0 else 0.0

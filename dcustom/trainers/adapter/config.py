@@ -18,10 +18,10 @@ class AdapterTrainConfig:
     model: str = opt("tiny:sd15", "Base model: builtin:toy, tiny:sd15|sd2|sdxl, a diffusers folder, a checkpoint file or a hub id.")
     data: DataConfig = opt(DataConfig(), "Training images and captions.")
     train: LoopConfig = opt(LoopConfig(), "Shared loop settings (steps, lr, precision, checkpoints).")
-    target_modules: list = opt(list(ATTN_TARGETS), "UNet Linear layers the adapter wraps (peft target_modules).")
+    target_modules: list[str] = opt(list(ATTN_TARGETS), "UNet Linear layers the adapter wraps (peft target_modules).")
     min_snr_gamma: Optional[float] = opt(5.0, "Min-SNR-gamma loss weighting (null disables; 5 is the paper's value).")
     noise_offset: float = opt(0.0, "Noise offset (e.g. 0.05) for darker/brighter images; 0 disables.")
-    validation_prompts: list = opt(["a photo of sks dog on the beach"], "Prompts rendered as samples (every train.sample_every steps and at the end).")
+    validation_prompts: list[str] = opt(["a photo of sks dog on the beach"], "Prompts rendered as samples (every train.sample_every steps and at the end).")
     sample_steps: int = opt(25, "Sampling steps for validation images.")
     sample_seed: int = opt(1234, "Seed of the validation images (same each time, so they are comparable).")
 

@@ -1,0 +1,146 @@
+"""Convert LoRA files between the diffusers and kohya/A1111 forms; merge adapters into a model; extract LoRA."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from dcustom.adapters.files import KOHYA_TE_PREFIX, kohya_module_name, read_metadata, save_tensors
+from dcustom.adapters.load import load_adapter, parse_adapter_spec, resolve_adapter
+from dcustom.errors import DcustomError
+
+# diffusers-format key endings -> (kohya part); the first matching marker wins.
+_DOWN_UP = [(".lora.down.weight", "lora_down"), (".lora.up.weight", "lora_up"),
+            (".lora_linear_layer.down.weight", "lora_down"), (".lora_linear_layer.up.weight", "lora_up"),
+            (".lora_A.weight", "lora_down"), (".lora_B.weight", "lora_up")]
+
+
+def _alpha_lookup(meta: dict, component: str):
+    """alpha for a module of `component` from diffusers' lora_adapter_metadata; None = unknown (alpha = rank)."""
+    lam = json.loads(meta.get("lora_adapter_metadata", "{}"))
+    base = lam.get(f"{component}.lora_alpha")
+    patterns = lam.get(f"{component}.alpha_pattern") or {}
+
+    def alpha_of(module: str):
+        for pattern, value in patterns.items():
+            if re.fullmatch(rf"(.*\.)?{pattern}", module):
+                return value
+        return base
+
+    return alpha_of
+
+
+def diffusers_to_kohya(src: Path, dst: Path) -> Path:
+    """diffusers LoRA file -> kohya keys with each module's true alpha (from the file's peft metadata)."""
+    import torch
+    from safetensors.torch import load_file
+
+    meta = read_metadata(src)
+    if "lora_magnitude_vector" in " ".join(load_file(str(src)).keys()) or "dora_scale" in " ".join(load_file(str(src)).keys()):
+        raise DcustomError(f"convert: {str(src)!r} is a DoRA file; its kohya form is not supported, use the diffusers file.")
+    tensors = load_file(str(src))
+    family = meta.get("dcustom.family") or ("sdxl" if any(k.startswith("text_encoder_2.") for k in tensors) else "sd1")
+    te_prefix = KOHYA_TE_PREFIX["sdxl" if family == "sdxl" else "sd"]
+    out = {}
+    for key, value in tensors.items():
+        component, rest = key.split(".", 1)
+        for marker, part in _DOWN_UP:
+            if rest.endswith(marker):
+                module = rest[: -len(marker)]
+                break
+        else:
+            raise DcustomError(f"convert: key {key!r} of {str(src)!r} is not a LoRA down/up weight; accepted: a diffusers LoRA file.")
+        if component == "unet":
+            name = kohya_module_name("lora_unet", module)
+        elif component in te_prefix:
+            path = module if module.startswith("text_model.") else "text_model." + module
+            name = kohya_module_name(te_prefix[component], path)
+        else:
+            raise DcustomError(f"convert: component {component!r} in {str(src)!r} has no kohya prefix; accepted: unet, text_encoder, text_encoder_2.")
+        out[f"{name}.{part}.weight"] = value
+        if part == "lora_down":
+            alpha = _alpha_lookup(meta, component)(module)
+            out[f"{name}.alpha"] = torch.tensor(float(alpha if alpha is not None else value.shape[0]))
+    keep = {k: v for k, v in meta.items() if k.startswith("dcustom.")}
+    return save_tensors(out, dst, {**keep, "dcustom.format": "kohya", "format": "pt"})
+
+
+def kohya_to_diffusers(src: Path, dst: Path, family: str | None = None) -> Path:
+    """Any LoRA diffusers reads (kohya/A1111 keys) -> diffusers file; per-module alpha folded into the up weights."""
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors.torch import load_file
+
+    meta = read_metadata(src)
+    keys = list(load_file(str(src)).keys())
+    family = family or meta.get("dcustom.family") or ("sdxl" if any(k.startswith("lora_te2_") for k in keys) else "sd1")
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    state, alphas = cls.lora_state_dict(str(src))
+    alphas = alphas or {}
+    for key in list(state):
+        if key.endswith("up.weight"):
+            down = key[: -len("up.weight")] + "down.weight"
+            alpha = alphas.get(down + ".alpha") or alphas.get(key[: -len(".up.weight")] + ".alpha")
+            if alpha is not None:
+                state[key] = state[key] * (float(alpha) / state[down].shape[0])  # scale alpha/r, saved at alpha = r
+    groups = {}
+    for key, value in state.items():
+        component, rest = key.split(".", 1)
+        groups.setdefault(component, {})[rest] = value
+    kwargs = {f"{c}_lora_layers": sd for c, sd in groups.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        cls.save_lora_weights(tmp, **kwargs)
+        written = Path(tmp) / "pytorch_lora_weights.safetensors"
+        tensors, theirs = load_file(str(written)), read_metadata(written)
+    keep = {k: v for k, v in meta.items() if k.startswith("dcustom.")}
+    return save_tensors(tensors, dst, {**theirs, **keep, "dcustom.format": "diffusers"})
+
+
+def convert_lora(src, to: str, dst) -> Path:
+    kind, target = resolve_adapter(src)
+    if kind != "lora":
+        raise DcustomError(f"convert: {str(src)!r} is a peft (OFT/BOFT) adapter; use 'dcustom adapters extract' to get a LoRA.")
+    fmt = read_metadata(target).get("dcustom.format") or ("kohya" if target.name.endswith("kohya.safetensors") else "")
+    if to == "kohya":
+        if fmt == "kohya":
+            raise DcustomError(f"convert: {str(target)!r} is already in kohya form.")
+        return diffusers_to_kohya(target, Path(dst))
+    if to == "diffusers":
+        return kohya_to_diffusers(target, Path(dst))
+    raise DcustomError(f"convert: --to {to!r} is not known; accepted: kohya, diffusers.")
+
+
+def merge_into_model(model: str, adapters: list[str], out_dir, dtype: str = "fp32") -> Path:
+    """Load `model`, apply 'path[:weight]' adapters, bake them into the weights and save a diffusers folder."""
+    from dcustom.models import load_pipeline
+
+    pipe = load_pipeline(model, dtype=dtype, device="cpu")
+    for spec in adapters:
+        path, weight = parse_adapter_spec(spec)
+        load_adapter(pipe, path, scale=weight)
+    pipe.fuse_lora()  # merges every peft tuner layer (LoRA, OFT, BOFT) at the weights set above
+    pipe.unload_lora_weights()  # removes the adapter modules, keeping the fused weights
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    pipe.save_pretrained(str(tmp))
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def extract_lora(model: str, adapter: str, rank: int, out_file) -> tuple[Path, float]:
+    """SVD-extract a kohya LoRA (UNet) from any adapter (OFT/BOFT/LoRA) on `model`."""
+    from dcustom.adapters.files import dcustom_metadata, save_extracted_lora
+    from dcustom.models import family_of, load_pipeline
+
+    pipe = load_pipeline(model, dtype="fp32", device="cpu")
+    name = load_adapter(pipe, adapter, name="extract")
+    meta = dcustom_metadata("extracted-lora", model, family_of(pipe).name, None, "kohya", source=adapter)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    return save_extracted_lora(out_file.parent, pipe.unet, rank, meta, adapter_name=name, name=out_file.name)

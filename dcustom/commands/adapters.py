@@ -1,0 +1,71 @@
+"""`dcustom adapters inspect|convert|merge|extract` (heavy imports inside the commands)."""
+
+from __future__ import annotations
+
+from typing import List
+
+import typer
+
+from dcustom.errors import DcustomError
+
+app = typer.Typer(help="Inspect, convert, merge and extract adapter files.", no_args_is_help=True)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def inspect(path: str = typer.Argument(..., help="Adapter file or folder (a run folder works too).")):
+    """Format, method, base family, rank/alpha and size of an adapter."""
+    from dcustom.adapters.load import adapter_summary
+
+    try:
+        info = adapter_summary(path)
+    except DcustomError as exc:
+        _fail(str(exc))
+    for key, value in info.items():
+        typer.echo(f"{key:18s} {value}")
+
+
+@app.command()
+def convert(path: str = typer.Argument(..., help="A LoRA file or run folder."),
+            to: str = typer.Option(..., "--to", help="kohya (A1111/Forge/ComfyUI) or diffusers."),
+            out: str = typer.Option(..., "--out", "-o", help="Output .safetensors file.")):
+    """Convert a LoRA between diffusers and kohya/A1111 keys, keeping each module's true alpha."""
+    from dcustom.adapters.convert import convert_lora
+
+    try:
+        typer.echo(str(convert_lora(path, to, out)))
+    except DcustomError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def merge(model: str = typer.Option(..., "--model", "-m", help="Base model spec."),
+          adapter: List[str] = typer.Option(..., "--adapter", "-a", help="'path' or 'path:weight' (repeatable)."),
+          out: str = typer.Option(..., "--out", "-o", help="Output diffusers folder."),
+          dtype: str = typer.Option("fp32", "--dtype")):
+    """Bake adapters into the base weights and save a full diffusers model folder."""
+    from dcustom.adapters.convert import merge_into_model
+
+    try:
+        typer.echo(str(merge_into_model(model, list(adapter), out, dtype)))
+    except DcustomError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def extract(model: str = typer.Option(..., "--model", "-m", help="Base model the adapter was trained on."),
+            adapter: str = typer.Option(..., "--adapter", "-a", help="Adapter file or folder (OFT/BOFT/LoRA)."),
+            rank: int = typer.Option(32, "--rank", "-r"),
+            out: str = typer.Option(..., "--out", "-o", help="Output kohya .safetensors file.")):
+    """SVD-extract a LoRA (kohya keys) approximating any adapter, for tools that only read LoRA."""
+    from dcustom.adapters.convert import extract_lora
+
+    try:
+        path, rel = extract_lora(model, adapter, rank, out)
+    except DcustomError as exc:
+        _fail(str(exc))
+    typer.echo(f"{path}\nrelative error of the weight deltas (Frobenius): {rel:.4f}")
