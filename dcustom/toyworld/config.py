@@ -92,3 +92,20 @@ class ToyBaseConfig:
     install: bool = opt(False, "Copy the final model into the package as builtin:toy (refused unless shape accuracy "
                               "reaches install_min_shape_accuracy).")
     install_min_shape_accuracy: float = opt(0.8, "Minimum final J_eval shape accuracy for install.")
+
+
+TINY_OVERRIDES = (
+    "pool_size=24", "captions_per_image=2", "render_workers=1", "threads=1",
+    "model.vae_channels=[8,16,16]", "model.text_hidden=32", "model.text_layers=1", "model.text_heads=2",
+    "model.unet_channels=[16,32,32]", "model.unet_head_dim=8",
+    "text.steps=2", "text.batch_size=8", "vae.steps=2", "vae.batch_size=4",
+    "unet.steps=3", "unet.batch_size=4", "unet.warmup_steps=1",
+    "curve.every=100", "curve.prompts=2", "curve.sampling_steps=2", "checkpoint_every=100",
+)
+
+
+def tiny_config(output_dir: str, overrides=()) -> ToyBaseConfig:
+    """The recipe at toy-of-the-toy size (seconds on CPU): same code path, for tests and smoke runs."""
+    from dcustom.config import load_config
+
+    return load_config(ToyBaseConfig, None, overrides=list(TINY_OVERRIDES) + [f"output_dir={output_dir}"] + list(overrides))

@@ -42,7 +42,7 @@ class JudgeRecipe:
 
 
 RECIPES = {
-    "train": JudgeRecipe("bn_relu_cnn", seed=11, data_seed=100_000, train_images=9_000, epochs=5, lr=3e-3,
+    "train": JudgeRecipe("bn_relu_cnn", seed=11, data_seed=100_000, train_images=9_000, epochs=5, lr=2e-3,
                          noise=0.06, blur=0.3, shift=0),
     "eval": JudgeRecipe("gn_silu_maxpool_cnn", seed=23, data_seed=900_000, train_images=8_000, epochs=5, lr=2e-3,
                         noise=0.04, blur=0.0, shift=2),
@@ -54,22 +54,28 @@ def _heads_module(dim: int) -> nn.ModuleDict:
 
 
 class BnReluCnn(nn.Module):
-    """J_train: strided 3x3 convs with batch norm and ReLU, global average pool, 64-d features."""
+    """J_train: 3x3 convs with batch norm and ReLU, a strided then max-pooled pyramid, 2x2 spatial pooling
+    (keeps coarse layout), 64-d features."""
 
     feature_dim = 64
 
     def __init__(self):
         super().__init__()
-        layers, c_in = [], 3
-        for c_out, stride in ((24, 2), (32, 1), (48, 2), (64, 2), (96, 2)):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-            c_in = c_out
-        self.body = nn.Sequential(*layers)
-        self.neck = nn.Sequential(nn.Linear(96, self.feature_dim), nn.ReLU())
+
+        def block(c_in, c_out, stride=1):
+            return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.body = nn.Sequential(
+            *block(3, 16), *block(16, 24, 2),  # 32
+            *block(24, 32), nn.MaxPool2d(2),  # 16
+            *block(32, 64), nn.MaxPool2d(2),  # 8
+            *block(64, 96), nn.AdaptiveAvgPool2d(2),
+        )
+        self.neck = nn.Sequential(nn.Flatten(), nn.Linear(96 * 4, self.feature_dim), nn.ReLU())
         self.heads = _heads_module(self.feature_dim)
 
     def embed(self, x):
-        return self.neck(self.body(x).mean(dim=(2, 3)))
+        return self.neck(self.body(x))
 
 
 class GnSiluMaxpoolCnn(nn.Module):
@@ -260,7 +266,7 @@ def train_judge(kind: str, out: str | Path | None = None, images: int | None = N
             opt.step()
             sched.step()
             step += 1
-            total += float(loss)
+            total += float(loss.detach())
         log(f"[judge {kind}] epoch {epoch + 1}/{n_epochs} loss {total / max(1, n // batch):.4f} ({time.time() - t0:.0f}s)")
     fresh_x, fresh_y = render_dataset(check_images, recipe.data_seed + 7_777_777)
     acc = head_accuracy(judge, fresh_x, fresh_y)

@@ -73,6 +73,8 @@ def attribute_accuracy(predictions: dict, expected: list[dict]) -> dict:
             hits.setdefault(head, []).append(hit)
             ok = ok and hit
         prompt_ok.append(ok)
-    out = {head: sum(v) / len(v) for head, v in hits.items()}
+    from dcustom.toyworld.grammar import HEADS
+
+    out = {head: sum(hits[head]) / len(hits[head]) for head in HEADS if head in hits}
     out["prompt"] = sum(prompt_ok) / len(prompt_ok) if prompt_ok else float("nan")
     return out

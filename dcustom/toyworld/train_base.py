@@ -426,6 +426,14 @@ def run(cfg: ToyBaseConfig, stop_after: int | None = None, log=print, on_step=No
 
     stop_after: stop (with a checkpoint) once this many optimizer steps, all stages counted, are done.
     """
+    threads = torch.get_num_threads()
+    try:
+        return _run(cfg, stop_after, log, on_step)
+    finally:
+        torch.set_num_threads(threads)  # cfg.threads applies to this run only
+
+
+def _run(cfg: ToyBaseConfig, stop_after, log, on_step) -> Path:
     run_ = Run(cfg, log=log, on_step=on_step)
     resumed = False
     if cfg.resume and run_.latest_checkpoint() is not None:
@@ -448,6 +456,8 @@ def run(cfg: ToyBaseConfig, stop_after: int | None = None, log=print, on_step=No
             if cfg.compile and run_.device.type == "cuda":
                 run_.unet = torch.compile(run_.unet)
         total = run_.stage_steps(stage)
+        if stage == "unet" and run_.step == 0 and total > 0 and not any(p["step"] == 0 for p in run_.curve):
+            run_.measure(None)  # the untrained baseline: the curve starts at chance
         step_fn = {"text": run_.text_step, "vae": run_.vae_step, "unet": run_.unet_step}[stage]
         t0, loss_avg = time.time(), None
         while run_.step < total:

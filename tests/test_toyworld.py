@@ -1,0 +1,203 @@
+"""The toy world: renderer, grammar, held-out sets, model folder, train-base resume, eval base."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from dcustom.errors import DcustomError
+from dcustom.toyworld import grammar
+from dcustom.toyworld.grammar import HEADS, is_heldout, parse_caption, sample_scene
+from dcustom.toyworld.render import render_samples, render_style, render_subject
+
+
+def test_renderer_is_deterministic_per_seed():
+    a = render_samples(6, seed=3, split="judge")
+    b = render_samples(6, seed=3, split="judge")
+    c = render_samples(6, seed=4, split="judge")
+    for (ia, ta, sa), (ib, tb, sb) in zip(a, b):
+        assert np.array_equal(np.asarray(ia), np.asarray(ib)) and ta == tb and sa == sb
+        assert ia.size == (64, 64) and ia.mode == "RGB"
+    assert any(not np.array_equal(np.asarray(x[0]), np.asarray(y[0])) for x, y in zip(a, c))
+
+
+@pytest.mark.parametrize("split", ["base", "heldout_combo", "subject", "style", "judge"])
+def test_captions_name_exactly_the_rendered_attributes(split):
+    rng = random.Random(7)
+    for _ in range(300):
+        scene = sample_scene(rng, split)
+        text = grammar.caption(scene, rng, detail=0.5)
+        parsed = parse_caption(text)
+        truth = {h: v for h, v in scene.labels().items() if v is not None and v != "none"}
+        assert parsed == truth, (text, parsed, truth)
+
+
+def test_heldout_sets_never_reach_base_training():
+    from dcustom.toyworld.data import pool_scene
+    from dcustom.toyworld.grammar import SceneRanges
+
+    rng = random.Random(0)
+    base = [sample_scene(rng, "base") for _ in range(5000)]
+    pool = [pool_scene(0, i, SceneRanges(30, 54, 15))[0] for i in range(2000)]
+    for scene in base + pool:
+        assert not is_heldout(scene) and scene.subject is None and scene.style is None
+    seen = {(s.shape, s.colour) for s in base}
+    assert seen == set(grammar.base_combos())  # every trained pair appears, no held-out pair does
+    assert not seen & set(grammar.HELDOUT_COMBOS)
+    heldout_words = {s.trigger for s in grammar.SUBJECTS} | {w for ws in grammar.STYLE_WORDS.values() for w in ws}
+    for scene in base[:500]:
+        words = set(grammar.caption(scene, rng, detail=1.0).split())
+        assert not words & heldout_words
+    # and the things that are held out are recognised as such
+    assert all(is_heldout(sample_scene(rng, s)) for s in ("heldout_combo", "subject", "style") for _ in range(50))
+
+
+def test_subject_and_style_sets_render_with_their_labels():
+    views = render_subject("ladybug", 4, seed=1)
+    assert len(views) == 4 and all(s.subject == "ladybug" and "zwx" in t for _, t, s in views)
+    assert len({(s.x, s.y, s.angle) for _, _, s in views}) == 4  # different poses
+    styled = render_style("neon", 3, seed=2)
+    assert all(s.style == "neon" and parse_caption(t)["style"] == "neon" for _, t, s in styled)
+    with pytest.raises(ValueError, match="unknown subject 'cat'; accepted: robot, ladybug, pine"):
+        render_subject("cat", 1)
+
+
+def test_caption_encoder_matches_the_tokenizer(tmp_path):
+    from dcustom.toyworld.config import ToyModelConfig
+    from dcustom.toyworld.model import build_tokenizer
+    from dcustom.toyworld.train_base import CaptionEncoder
+
+    tok = build_tokenizer(ToyModelConfig(), tmp_path)
+    enc = CaptionEncoder(tok)
+    rng = random.Random(1)
+    for _ in range(100):
+        text = grammar.caption(sample_scene(rng, "base"), rng, detail=1.0)
+        ids, labels = enc(text)
+        ref = tok(text, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
+        assert ids == ref, text
+        assert sum(1 for v in labels if v > 0) >= 3  # shape, colour and background words are labelled
+    for s in grammar.SUBJECTS:  # triggers are in the vocabulary as single tokens
+        assert len(tok(s.trigger, add_special_tokens=False).input_ids) == 1
+
+
+def test_model_folder_round_trips_through_from_pretrained(tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from dcustom.models import load_pipeline
+    from dcustom.toyworld.config import tiny_config
+    from dcustom.toyworld.model import assemble_pipeline, build_components, folder_sizes, save_model_folder
+
+    cfg = tiny_config(str(tmp_path / "run"))
+    pipe = assemble_pipeline(build_components(cfg.model, tmp_path / "work", seed=0))
+    folder = save_model_folder(pipe, tmp_path / "model")
+    loaded = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    assert loaded.vae_scale_factor == 4 and loaded.unet.config.sample_size == 16
+    stored = _tensors(folder)
+    assert stored and all(v.dtype == torch.float16 for v in stored.values())  # shipped in fp16
+    for name in ("unet", "vae", "text_encoder"):
+        ours = {k: v.half() for k, v in getattr(pipe, name).state_dict().items()}
+        theirs = {k: v.half() for k, v in getattr(loaded, name).state_dict().items()}
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert loaded.tokenizer("a zwx circle").input_ids == pipe.tokenizer("a zwx circle").input_ids
+    again = load_pipeline(str(folder), device="cpu", dtype="fp32")
+    image = again("a red circle on a white background", num_inference_steps=2, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (64, 64, 3)
+
+
+def test_default_recipe_model_fits_the_size_limits(tmp_path):
+    from dcustom.toyworld.config import ToyModelConfig
+    from dcustom.toyworld.model import MAX_FILE_BYTES, assemble_pipeline, build_components, folder_sizes, save_model_folder
+
+    folder = save_model_folder(assemble_pipeline(build_components(ToyModelConfig(), tmp_path / "w")), tmp_path / "m")
+    sizes = folder_sizes(folder)
+    assert max(sizes.values()) < MAX_FILE_BYTES and sum(sizes.values()) < 64 * 2**20
+    assert sizes["unet/diffusion_pytorch_model.safetensors"] > 10 * 2**20  # the UNet uses the budget
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+
+    return {f"{p.parent.name}/{k}": v for p in sorted(folder.rglob("*.safetensors")) for k, v in load_file(str(p)).items()}
+
+
+def test_train_base_resume_is_exact(tmp_path):
+    import torch
+
+    from dcustom.toyworld.config import tiny_config
+    from dcustom.toyworld.train_base import run
+
+    straight = run(tiny_config(str(tmp_path / "a")), log=lambda m: None)
+    run(tiny_config(str(tmp_path / "b")), stop_after=3, log=lambda m: None)  # stops inside the VAE stage
+    assert not (tmp_path / "b" / "model").exists()
+    run(tiny_config(str(tmp_path / "b")), stop_after=6, log=lambda m: None)  # inside the UNet stage
+    resumed = run(tiny_config(str(tmp_path / "b")), log=lambda m: None)
+    a, b = _tensors(straight), _tensors(resumed)
+    assert a.keys() == b.keys() and len(a) > 100
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    curve = json.loads((tmp_path / "a" / "learning_curve.json").read_text())
+    assert curve and {"shape", "colour", "background", "prompt", "toy_fid"} <= set(curve[-1])
+    assert (tmp_path / "a" / "learning_curve.png").stat().st_size > 1000
+    events = [json.loads(line) for line in (tmp_path / "b" / "events.jsonl").read_text().splitlines()]
+    assert [e["resumed"] for e in events if e["event"] == "start"] == [False, True, True]
+
+
+def test_train_base_weights_change_and_text_encoder_freezes(tmp_path):
+    import torch
+
+    from dcustom.toyworld.config import tiny_config
+    from dcustom.toyworld.train_base import Run
+
+    r = Run(tiny_config(str(tmp_path)), log=lambda m: None)
+    r.build_pool()
+    r.stage_setup("text")
+    before = {k: v.clone() for k, v in r.text_encoder.state_dict().items()}
+    loss = r.text_step(torch.Generator().manual_seed(0))
+    loss.backward()
+    r.optimizer.step()
+    assert any(not torch.equal(before[k], v) for k, v in r.text_encoder.state_dict().items())
+
+
+def test_evaluate_pipeline_on_tiny_sd15(tiny_pipe, tmp_path):
+    from dcustom.toyworld.evaluate import evaluate_pipeline
+
+    prompts = ["a red circle on a white background", "a blue star on a striped background"]
+    report = evaluate_pipeline(tiny_pipe("sd15"), prompts, seeds=[0, 1], steps=2, out_dir=tmp_path)
+    assert set(report["accuracy"]) == {"shape", "colour", "background", "prompt"}
+    assert all(0 <= v <= 1 for v in report["accuracy"].values())
+    assert report["toy_fid"] >= 0 and 0 <= report["diversity"] <= 2
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["prompts"] == 2 and len(saved["per_prompt"]) == 2 and saved["seeds"] == [0, 1]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size == (2 * 66 + 2, 2 * 66 + 2)
+    with pytest.raises(DcustomError, match="prompt 'a photo of a dog' names no shape, colour, background, subject or style"):
+        evaluate_pipeline(tiny_pipe("sd15"), ["a photo of a dog"], seeds=[0], steps=1)
+
+
+def test_cli_eval_base_on_tiny_sd15(cli, tmp_path):
+    code, out, err = cli("eval", "base", "--model", "tiny:sd15", "--prompts", "2", "--seeds", "0,1", "--steps", "2",
+                         "--output-dir", tmp_path, "--device", "cpu")
+    assert code == 0, err
+    assert "accuracy  shape" in out and "compositional" in out and "toy-FID" in out
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["prompts"] == 2 + len(grammar.HELDOUT_COMBOS) and report["judge"] == "eval"
+    assert report["groups"]["compositional"]["images"] == 2 * len(grammar.HELDOUT_COMBOS)
+    code, _, err = cli("eval", "base", "--model", "tiny:sd15", "--seeds", "zero", "--output-dir", tmp_path)
+    assert code == 2 and "--seeds 'zero' must be comma-separated integers" in err
+
+
+def test_cli_render_writes_images_and_captions(cli, tmp_path):
+    code, out, err = cli("toyworld", "render", "--subject", "robot", "--count", "3", "-o", tmp_path)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("sks" in r["caption"] and r["labels"]["subject"] == "robot" for r in rows)
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "00002.png").is_file()
+
+
+def test_heads_cover_the_grammar():
+    assert HEADS["shape"] == grammar.SHAPES and HEADS["subject"][0] == "none" and len(grammar.SUBJECTS) >= 3
+    assert len(grammar.STYLES) >= 3 and len(grammar.HELDOUT_COMBOS) >= 3
+    assert grammar.ERASURE_CONCEPT == ("colour", "purple")
