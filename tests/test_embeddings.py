@@ -197,3 +197,22 @@ def test_token_already_loaded_and_sd15_file_on_sdxl_are_refused(tmp_path):
     with pytest.raises(DcustomError, match=r"holds vectors for one text encoder only, but Stable Diffusion XL has two; "
                                            r"accepted for SDXL: an embedding with clip_l and clip_g"):
         load_adapter(xl, tmp_path / "one")
+
+
+def test_generate_cli_uses_an_embedding_beside_other_adapters_and_swaps_cleanly(cli, tmp_path):
+    """`dcustom generate --adapter <embedding>` puts the word in the prompt's reach; changing the adapter list
+    takes the tokens off again, so the same embedding loads a second time on the cached pipeline."""
+    from dcustom.adapters.load import apply_adapters
+
+    save_embedding(tmp_path / "emb", "<cat-toy>", {"text_encoder": 3 * torch.randn(2, DIM)}, "sd1", {})
+    code, out, err = cli("generate", "--model", "tiny:sd15", "--prompt", "a photo of <cat-toy>", "--steps", "1",
+                         "--width", "32", "--height", "32", "--seed", "0", "--device", "cpu",
+                         "--adapter", tmp_path / "emb", "--output-dir", tmp_path / "out")
+    assert code == 0, err
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+
+    pipe = load_pipeline("tiny:sd15", device="cpu")
+    base_len = len(pipe.tokenizer)
+    for specs in ([str(tmp_path / "emb")], [], [str(tmp_path / "emb")]):
+        apply_adapters(pipe, specs)
+        assert len(pipe.tokenizer) == base_len + 2 * len(specs)

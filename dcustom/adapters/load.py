@@ -106,6 +106,9 @@ def apply_adapters(pipe, specs: list[str]) -> None:
     if current:
         pipe.unload_lora_weights()  # removes every peft layer (LoRA, OFT, BOFT) from the UNet and text encoders
         pipe._dcustom_adapter_scales = {}
+        from dcustom.adapters.embeddings import unload_embeddings
+
+        unload_embeddings(pipe)  # and the textual-inversion tokens the previous specs added
     pipe._dcustom_adapter_specs = []
     for spec in specs:
         path, weight = parse_adapter_spec(spec)
