@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dcustom.trainers.erasure.conditioning import concept_span, encode
+from dcustom.trainers.erasure.conditioning import concept_span, encode, token_ids
 from dcustom.trainers.erasure.selection import selected_modules
 
 
@@ -42,8 +42,10 @@ def gather_embeddings(pipe, erase: list[str], anchors: list[str], preserve: list
     """Token embeddings (as the UNet sees them) of erased concepts, their anchors and kept concepts.
 
     Erased and anchor tokens are paired right-aligned: the concept's last token goes to the anchor's
-    last token (an empty anchor contributes the end token after the template's prefix), and with
-    ``concept_and_after`` every later position is paired with the same offset in the anchor prompt.
+    last token (an empty anchor offers its prompt's end token, the sentence summary). With
+    ``concept_and_after`` the template's suffix and the end token are paired by their offset after the
+    word (suffix words meet the same suffix words), and padding by position (padding differs mostly
+    by its position embedding, and the kept prompts pin each padding position where it is).
     """
     tok = _tokenizer(pipe)
     length = tok.model_max_length
@@ -55,15 +57,16 @@ def gather_embeddings(pipe, erase: list[str], anchors: list[str], preserve: list
             c_emb, a_emb = hidden[k], hidden[len(templates) + k]
             cs, ce = concept_span(tok, template, concept)
             a_s, a_e = concept_span(tok, template, anchor)
-            a_last = max(a_e - 1, a_s)  # an empty anchor: its end token stands in for the word
-            for j, pos in enumerate(range(ce - 1, cs - 1, -1)):
-                erased.append(c_emb[pos])
-                targets.append(a_emb[max(a_last - j, a_s)])
+            c_end = len(token_ids(tok, template.format(concept))) - 1
+            a_end = len(token_ids(tok, template.format(anchor))) - 1
+            pairs = [(pos, max(a_e - 1 - j, a_s) if a_e > a_s else a_end)
+                     for j, pos in enumerate(range(ce - 1, cs - 1, -1))]
             if tokens == "concept_and_after":
-                a_after = a_e if a_e > a_s else a_s + 1
-                for off in range(length - max(ce, a_after)):
-                    erased.append(c_emb[ce + off])
-                    targets.append(a_emb[a_after + off])
+                pairs += [(ce + off, a_e + off) for off in range(min(c_end - ce, a_end - a_e) + 1)]
+                pairs += [(pos, pos) for pos in range(max(c_end, a_end) + 1, length)]
+            for c_pos, a_pos in pairs:
+                erased.append(c_emb[c_pos])
+                targets.append(a_emb[a_pos])
     if preserve:
         prompts = [t.format(p) for p in preserve for t in templates]
         hidden = encode(pipe, prompts).hidden.double().cpu()
