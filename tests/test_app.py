@@ -228,3 +228,25 @@ def test_stop_a_running_job(app):
     assert client.predict(job, api_name="/train_stop") in ("stopping", "cancelled")
     snap = wait_for(client, job, lambda s: s["status"] in ("finished", "failed", "cancelled"), timeout=120)
     assert snap["status"] == "cancelled" and snap["step"] < 500
+
+
+def test_stylize_a_pair(app):
+    state, client, inputs = app
+    content, style = write_images(inputs / "pair", n=2)
+    result, grid = client.predict(handle_file(str(content)), handle_file(str(style)), "style_injection", "tiny:sd15",
+                                  0.75, 1.5, 3, "decoder_self_late", 0.0, 1.0, True, api_name="/stylize")
+    from PIL import Image
+
+    with Image.open(result) as image:
+        assert image.size == (64, 64)
+        params = json.loads(image.text["dcustom"])
+        assert params["method"] == "style_injection" and params["steps"] == 3 and params["gamma"] == 0.75
+    with Image.open(grid) as image:
+        assert image.width > 3 * 64  # content | style | result
+    assert len(list(state.paths.style.glob("*-grid.png"))) == 1
+    with pytest.raises(Exception, match="need 0 <= step_start <= step_end <= 1, got 0.9 and 0.1"):
+        client.predict(handle_file(str(content)), handle_file(str(style)), "style_injection", "tiny:sd15",
+                       0.75, 1.5, 3, "decoder_self_late", 0.9, 0.1, True, api_name="/stylize")
+    with pytest.raises(Exception, match="model: '/etc' is outside"):
+        client.predict(handle_file(str(content)), handle_file(str(style)), "attention_injection", "/etc",
+                       0.0, 1.0, 3, "decoder_self_late", 0.0, 1.0, True, api_name="/stylize")

@@ -16,17 +16,22 @@ TITLE = "dcustom"
 def build_app(state: AppState):
     import gradio as gr
 
-    from dcustom.app.tabs import adapters, generate, train
+    from dcustom.app.tabs import adapters, generate, style, train
 
     with gr.Blocks(title=TITLE, delete_cache=(3600, 24 * 3600)) as demo:
         gr.Markdown(f"### dcustom · data folder `{state.paths.root}`", elem_id="app_header")
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Generate", id="generate", elem_id="tab_generate"):
                 gen = generate.build(state)
+            with gr.Tab("Style", id="style", elem_id="tab_style"):
+                sty = style.build(state)
             with gr.Tab("Train", id="train", elem_id="tab_train"):
                 train.build(state, state.training, gen["adapter_dropdowns"])
             with gr.Tab("Adapters", id="adapters", elem_id="tab_adapters"):
                 lib = adapters.build(state, gen["adapter_dropdowns"])
+        # "Send to Style tab": the selected generated image becomes the content image.
+        gen["to_style"].click(lambda path: (path, gr.Tabs(selected="style")), gen["selected"], [sty["content"], tabs],
+                              queue=False, api_visibility="private")
         rows, outputs = lib["load"]
         demo.load(rows, None, outputs, queue=False, api_visibility="private")
     demo.dcustom_tabs = tabs

@@ -75,6 +75,14 @@ class AppState:
     def forget_pipeline(self) -> None:
         self._pipe, self._pipe_key = None, None
 
+    def inversion_cache(self, model_key: str):
+        """Inversions of recent content/style images (in memory), reused while the model stays the same."""
+        from dcustom.pipelines.inversion import InversionCache
+
+        if getattr(self, "_cache_key", None) != model_key:
+            self._cache, self._cache_key = InversionCache(None, max_items=8), model_key
+        return self._cache
+
     # -- generation ----------------------------------------------------------------------------
     def generate(self, *, model: str, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 7.5,
                  seed: Optional[int] = None, width: Optional[int] = None, height: Optional[int] = None, count: int = 1,
@@ -136,3 +144,51 @@ def read_png_parameters(path: str | Path) -> dict:
     with Image.open(path) as image:
         text = image.text.get("dcustom") if hasattr(image, "text") else None
     return json.loads(text) if text else {}
+
+
+def style_methods() -> list[str]:
+    from dcustom.registry import methods_of_kind
+
+    return methods_of_kind("style")
+
+
+def stylize_files(state: AppState, *, method: str, model: str, content: str, style: str, steps: int, gamma: float,
+                  temperature: float, extra: Optional[dict] = None,
+                  on_step: Optional[Callable[[int, int], None]] = None) -> tuple[Path, Path]:
+    """Content + style image files (already checked) -> (result PNG, content|style|result grid PNG)."""
+    import uuid
+
+    from dcustom.config import from_dict, to_dict
+    from dcustom.registry import get_method
+
+    spec = get_method(method, kind="style")
+    check_range("steps", steps, 1, MAX_STEPS)
+    cls = spec.config_class()
+    out = state.paths.style / f"{time_stamp()}-{uuid.uuid4().hex[:6]}.png"
+    values = {**to_dict(cls()), **(extra or {}), "method": method, "model": state.resolve_model(model),
+              "content": str(content), "style": str(style), "output": str(out), "steps": int(steps),
+              "gamma": float(gamma), "temperature": float(temperature), "device": state.device, "cache_dir": None}
+    try:
+        cfg = from_dict(cls, values, "style settings")
+    except ValueError as exc:
+        raise DcustomError(str(exc)) from None
+    with state.gpu:
+        pipe = state.pipeline(model)
+        without_adapters(pipe)  # the Generate tab may have left its adapters on the shared pipeline
+        cache = state.inversion_cache(state._pipe_key)
+        result = Path(spec.implementation()(cfg, pipe=pipe, cache=cache, on_step=on_step))
+    return result, result.with_name(result.stem + "-grid.png")
+
+
+def without_adapters(pipe) -> None:
+    try:
+        from dcustom.adapters.load import apply_adapters
+    except ImportError:
+        return
+    apply_adapters(pipe, [])
+
+
+def time_stamp() -> str:
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S")

@@ -22,6 +22,7 @@ def build(state: AppState) -> dict:
                                 elem_id="gen_model")
             prompt = gr.Textbox(label="Prompt", lines=2, value="a red circle on a striped background", elem_id="gen_prompt")
             negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="gen_negative")
+            run = gr.Button("Generate", variant="primary", elem_id="gen_run")
             with gr.Row():
                 steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="gen_steps")
                 guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance", elem_id="gen_guidance")
@@ -42,12 +43,12 @@ def build(state: AppState) -> dict:
                         enabled = gr.Checkbox(value=True, label="On", scale=1, min_width=60, elem_id=f"gen_enabled_{i}")
                     slots += [name, weight, enabled]
                 refresh = gr.Button("Refresh adapter list", size="sm", elem_id="gen_refresh_adapters")
-            run = gr.Button("Generate", variant="primary", elem_id="gen_run")
         with gr.Column(scale=6):
             gallery = gr.Gallery(label="Images", columns=2, height=520, format="png", elem_id="gen_gallery")
-            info = gr.Textbox(label="Parameters of the selected image", lines=4, interactive=False, elem_id="gen_info")
-            selected = gr.State(None)
             to_style = gr.Button("Send selected image to the Style tab", interactive=False, elem_id="gen_to_style")
+            info = gr.Textbox(label="Parameters of the selected image", lines=4, max_lines=14, interactive=False,
+                              elem_id="gen_info")
+            selected = gr.State(None)
 
     @shown_in_ui
     def on_generate(model, prompt, negative, steps, guidance, seed, random_seed, count, width, height, scheduler,

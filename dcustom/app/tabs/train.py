@@ -30,9 +30,9 @@ def build(state, queue, adapter_dropdowns: list) -> dict:
                 steps = gr.Number(value=400, precision=0, minimum=1, maximum=100_000, label="Steps", elem_id="train_steps")
             with gr.Accordion("Advanced settings", open=False, elem_id="train_advanced"):
                 with gr.Row():
-                    lr = gr.Number(value=None, label="Learning rate (empty: method default)", elem_id="train_lr")
-                    rank = gr.Number(value=None, precision=0, label="LoRA rank (empty: default)", elem_id="train_rank")
-                    resolution = gr.Number(value=None, precision=0, label="Resolution (empty: model native)",
+                    lr = gr.Number(value=0, label="Learning rate (0: method default)", elem_id="train_lr")
+                    rank = gr.Number(value=0, precision=0, label="LoRA rank (0: method default)", elem_id="train_rank")
+                    resolution = gr.Number(value=0, precision=0, label="Resolution (0: model native)",
                                            elem_id="train_resolution")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="train_seed")
@@ -54,8 +54,9 @@ def build(state, queue, adapter_dropdowns: list) -> dict:
             job = gr.Dropdown([], value=None, label="Job", elem_id="train_job")
             status = gr.Markdown("No training job yet.", elem_id="train_status")
             progress = gr.Slider(0, 100, value=0, label="Progress (%)", interactive=False, elem_id="train_progress")
-            loss_plot = gr.LinePlot(x="step", y="loss", title="Training loss", height=220, elem_id="train_loss")
-            samples = gr.Gallery(label="Validation samples", columns=4, height=220, elem_id="train_samples")
+            loss_plot = gr.Plot(label="Training loss", elem_id="train_loss")
+            samples = gr.Gallery(label="Validation samples", columns=4, height=200, object_fit="contain",
+                                 preview=False, elem_id="train_samples")
             log = gr.Textbox(label="Log", lines=6, max_lines=12, interactive=False, elem_id="train_log")
     timer = gr.Timer(1.0)
     form_inputs = [method, model, trigger, class_word, steps, lr, rank, resolution, seed, sample_every,
@@ -87,16 +88,19 @@ def build(state, queue, adapter_dropdowns: list) -> dict:
             raise ValueError("Stop: no job is selected.")
         return queue.stop(job_id).status
 
-    def on_tick(job_id, known_adapters):
+    def on_tick(job_id, known_adapters, seen):
         from dcustom.app.library import list_adapters
 
         names = [a.name for a in list_adapters(state.paths)]
         adapter_updates = [gr.update(choices=[None] + names) if names != known_adapters else gr.update()
                            for _ in adapter_dropdowns]
         if not job_id:
-            return (gr.update(),) * 5 + (names, *adapter_updates)
+            return (gr.update(),) * 5 + (names, seen, *adapter_updates)
         snap = job_snapshot(queue, job_id)
-        return (*render(snap), names, *adapter_updates)
+        key = [snap["id"], snap["status"], snap["step"], len(snap["samples"]), snap["message"], len(snap["log"])]
+        if key == seen:  # nothing new: leave the page alone (no flicker, no redraw of the plot)
+            return (gr.update(),) * 5 + (names, seen, *adapter_updates)
+        return (*render(snap), names, key, *adapter_updates)
 
     show_yaml.click(on_show_yaml, form_inputs, yaml_box, api_name="train_yaml", queue=False)
     job_id_out = gr.Textbox(visible=False)
@@ -109,15 +113,31 @@ def build(state, queue, adapter_dropdowns: list) -> dict:
         return json.dumps(job_snapshot(queue, job_id))
 
     gr.api(api_status, api_name="train_status")
-    known = gr.State([])
-    timer.tick(on_tick, [job, known], [status, progress, loss_plot, samples, log, known, *adapter_dropdowns],
+    known, seen = gr.State([]), gr.State([])
+    timer.tick(on_tick, [job, known, seen], [status, progress, loss_plot, samples, log, known, seen, *adapter_dropdowns],
                api_visibility="private", concurrency_limit=None, show_progress="hidden")
     return {"job": job}
 
 
-def render(snap: dict) -> tuple:
-    import pandas as pd
+def loss_figure(points: list):
+    """Loss per step (matplotlib; the Agg backend, no display needed)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, safe in server threads
 
+    fig = Figure(figsize=(6, 2.4), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    if points:
+        steps, losses = zip(*points)
+        ax.plot(steps, losses, lw=1, color="#ea580c", marker="o" if len(points) < 30 else None, ms=3)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def render(snap: dict) -> tuple:
     total = snap["total"] or 0
     pct = 100.0 * snap["step"] / total if total else (100.0 if snap["status"] == "finished" else 0.0)
     where = {0: "running"}.get(snap["queue_position"], f"queued, position {snap['queue_position']}") \
@@ -127,5 +147,4 @@ def render(snap: dict) -> tuple:
              f"adapter: `{snap['adapter']}`"]
     if snap["message"]:
         lines.append(snap["message"])
-    frame = pd.DataFrame(snap["loss"], columns=["step", "loss"])
-    return "  \n".join(lines), round(pct, 1), frame, snap["samples"], snap["log"]
+    return "  \n".join(lines), round(pct, 1), loss_figure(snap["loss"]), snap["samples"], snap["log"]
