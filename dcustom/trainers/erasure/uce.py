@@ -33,10 +33,6 @@ class UceEmbeddings:
     info: dict = field(default_factory=dict)
 
 
-def _tokenizer(pipe):
-    return pipe.tokenizer
-
-
 def gather_embeddings(pipe, erase: list[str], anchors: list[str], preserve: list[str], templates: list[str],
                       tokens: str = "concept_and_after", preserve_empty_prompt: bool = True) -> UceEmbeddings:
     """Token embeddings (as the UNet sees them) of erased concepts, their anchors and kept concepts.
@@ -47,7 +43,7 @@ def gather_embeddings(pipe, erase: list[str], anchors: list[str], preserve: list
     word (suffix words meet the same suffix words), and padding by position (padding differs mostly
     by its position embedding, and the kept prompts pin each padding position where it is).
     """
-    tok = _tokenizer(pipe)
+    tok = pipe.tokenizer  # SDXL's second tokenizer splits the same words at the same positions
     length = tok.model_max_length
     erased, targets, kept = [], [], []
     for concept, anchor in zip(erase, anchors):
