@@ -298,7 +298,7 @@ def run_training(method, cfg: LoopConfig, run_config=None, on_event: Optional[Ca
         if run_config is not None:
             save_yaml(run_config, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
-    set_seed(cfg.seed + accelerator.process_index)
+    set_seed(cfg.seed)  # same seed on every rank: adapter initialisation must be identical
 
     ctx = LoopContext(accelerator, accelerator.device, weight_dtype, cfg, run_dir, accelerator.process_index,
                       accelerator.num_processes, is_main)
@@ -312,6 +312,12 @@ def run_training(method, cfg: LoopConfig, run_config=None, on_event: Optional[Ca
         p.data = p.data.float()
         p.requires_grad_(True)
     param_list = list(params.values())
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        for p in param_list:  # belt and braces: every rank starts from rank 0's weights
+            dist.broadcast(p.data, src=0)
+    set_seed(cfg.seed + accelerator.process_index)  # but different noise and augmentation per rank
     optimizer = accelerator.prepare_optimizer(_make_optimizer(cfg, param_list, accelerator.device.type))
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer.optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=cfg.steps)

@@ -98,9 +98,9 @@ class AdapterMethod:
                 te.add_adapter(LoraConfig(r=cfg.text_encoder_rank, lora_alpha=cfg.text_encoder_rank,
                                           init_lora_weights="gaussian", target_modules=TE_TARGETS))
         # Frozen weights in the compute dtype; the loop keeps trainable (adapter) weights in fp32.
-        pipe.unet.to(dtype=ctx.weight_dtype)
-        for te in self.text_encoders:
-            te.to(dtype=ctx.weight_dtype)
+        for module in [pipe.unet, *self.text_encoders]:
+            if module.dtype != ctx.weight_dtype:
+                module.to(dtype=ctx.weight_dtype)
         if ctx.cfg.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
             if self.train_te:
