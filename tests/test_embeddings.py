@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from dcustom.adapters.embeddings import (
     EMBEDDINGS_NAME,
+    embedding_summary,
     load_embedding,
     read_embedding,
     save_embedding,
@@ -68,6 +69,9 @@ def test_sd15_file_loads_in_diffusers_and_dcustom_with_multi_vector_expansion(tm
     # The A1111 copy (emb_params, file name = prompt word) holds the same vectors, in diffusers too.
     a1111 = tmp_path / "a1111" / "cat-toy.safetensors"
     assert torch.equal(read_embedding(a1111).vectors["*"], vectors)
+    summary = embedding_summary(tmp_path)
+    assert (summary["token"], summary["vectors"], summary["dims"], summary["family"]) == ("<cat-toy>", 3, {"text_encoder": DIM}, "sd1")
+    assert summary["prompt_words"] == ["<cat-toy>", "<cat-toy>_1", "<cat-toy>_2"]
     other = load_pipeline("tiny:sd15", device="cpu")
     other.load_textual_inversion(str(a1111), token="<cat-toy>")
     assert torch.equal(prompt_embeds(other, "a photo of <cat-toy>"), prompt_embeds(ours, "a photo of <cat-toy>"))

@@ -343,3 +343,17 @@ def save_embedding(folder, token: str, vectors: dict, family: str, meta: dict, s
     (folder / A1111_DIR).mkdir(exist_ok=True)
     return [save_tensors(native, folder / name, header),
             save_tensors(a1111, folder / A1111_DIR / f"{slug(token)}.safetensors", {**header, "dcustom.format": "a1111_embedding"})]
+
+
+def embedding_summary(path) -> dict:
+    """What an embedding file (or run folder) holds, in the shape of `adapter_summary` (for `adapters inspect`)."""
+    out = []
+    for emb in read_embeddings(path):
+        dims = {SDXL_KEYS.get(k, "text_encoder"): int(v.shape[1]) for k, v in emb.vectors.items()}
+        out.append({"path": emb.path, "format": emb.meta.get("dcustom.format", "embedding"), "token": emb.token,
+                    "prompt_words": token_names(emb.token, emb.num_vectors), "vectors": emb.num_vectors, "dims": dims,
+                    "parameters": sum(int(v.numel()) for v in emb.vectors.values()),
+                    "method": emb.meta.get("dcustom.method", "unknown"), "family": emb.meta.get("dcustom.family", "unknown"),
+                    "base_model": emb.meta.get("dcustom.base_model", "unknown"),
+                    "dcustom_version": emb.meta.get("dcustom.version", "-")})
+    return out[0] if len(out) == 1 else {"embeddings": out}
