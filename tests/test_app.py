@@ -213,6 +213,17 @@ def test_train_queue_stop_and_use_the_adapter(app):
     assert "Imported `copy`" in message and ["copy", "pytorch_lora_weights.safetensors"] in table["data"]
     with pytest.raises(Exception, match="adapter name: 'copy' is already taken"):
         client.predict(handle_file(str(lora_file)), "copy", api_name="/import_adapter")
+    message, *_ = client.predict("copy", "kohya", api_name="/convert_adapter")
+    assert "Wrote `lora_kohya.safetensors` into `copy`" in message
+    kohya = state.paths.adapters / "copy" / "lora_kohya.safetensors"
+    assert any(k.startswith("lora_unet_") for k in __import__("safetensors").safe_open(str(kohya), "pt").keys())
+    with pytest.raises(Exception, match="already has lora_kohya.safetensors"):
+        client.predict("copy", "kohya", api_name="/convert_adapter")
+    message = client.predict(["subject-lora"], 1.0, "tiny:sd15", "merged-sd15", api_name="/merge_adapters")
+    assert "models/merged-sd15" in message and (state.paths.models / "merged-sd15" / "model_index.json").is_file()
+    merged, _ = client.predict(*gen_args(model="models/merged-sd15", seed=5, count=1), api_name="/generate")
+    px_merged = np.asarray(Image.open(merged[0]["image"]), dtype=np.int16)
+    assert np.abs(px_merged - px[1]).max() <= 2  # merged weights draw what the loaded LoRA drew
     message, table, *_ = client.predict("copy", api_name="/delete_adapter")
     assert "Deleted `copy`" in message and not (state.paths.adapters / "copy").exists()
     with pytest.raises(Exception, match="adapter: '../runs' is not a valid name"):

@@ -23,6 +23,18 @@ def build(state, adapter_dropdowns: list) -> dict:
             with gr.Row():
                 inspect_btn = gr.Button("Inspect", elem_id="lib_inspect")
                 delete_btn = gr.Button("Delete", variant="stop", elem_id="lib_delete")
+            with gr.Accordion("Convert the selected LoRA", open=False, elem_id="lib_convert_box"):
+                to = gr.Radio(["kohya", "diffusers"], value="kohya", label="Write the form read by",
+                              info="kohya: A1111/Forge/ComfyUI; diffusers: pipe.load_lora_weights", elem_id="lib_to")
+                convert_btn = gr.Button("Convert", elem_id="lib_convert")
+            with gr.Accordion("Merge adapters into a base model", open=False, elem_id="lib_merge_box"):
+                merge_names = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, label="Adapters",
+                                          elem_id="lib_merge_names")
+                merge_weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight of each", elem_id="lib_merge_weight")
+                merge_model = gr.Dropdown(state.model_choices(), value=state.default_model, allow_custom_value=True,
+                                          label="Base model", elem_id="lib_merge_model")
+                merged_name = gr.Textbox(label="New model name (saved under models/)", elem_id="lib_merged_name")
+                merge_btn = gr.Button("Merge", elem_id="lib_merge")
             with gr.Accordion("Import a .safetensors adapter", open=False):
                 upload = gr.File(label="LoRA file (diffusers or kohya keys)", file_types=[".safetensors"],
                                  elem_id="lib_upload")
@@ -36,7 +48,8 @@ def build(state, adapter_dropdowns: list) -> dict:
         entries = list_adapters(state.paths)
         names = [e.name for e in entries]
         table_rows = [[e.name, ", ".join(e.files)] for e in entries]
-        return table_rows, gr.update(choices=names), *[gr.update(choices=[None] + names) for _ in adapter_dropdowns]
+        return (table_rows, gr.update(choices=names), gr.update(choices=names),
+                *[gr.update(choices=[None] + names) for _ in adapter_dropdowns])
 
     @shown_in_ui
     def on_inspect(adapter: str) -> dict:
@@ -53,7 +66,21 @@ def build(state, adapter_dropdowns: list) -> dict:
         target = import_lora(state, file, adapter)
         return (f"Imported `{target.name}`.", *rows())
 
-    outputs = [table, name, *adapter_dropdowns]
+    @shown_in_ui
+    def on_convert(adapter, form):
+        written = convert_adapter(state, adapter, form)
+        return (f"Wrote `{written.name}` into `{adapter}`.", *rows())
+
+    @shown_in_ui
+    def on_merge(adapters, weight, model, new_name, progress=gr.Progress()):
+        progress(0, desc="Merging")
+        folder = merge_adapters(state, adapters, float(weight), model, new_name)
+        return f"Saved the merged model as `models/{folder.name}`; pick it as a base model in the other tabs."
+
+    outputs = [table, name, merge_names, *adapter_dropdowns]
+    convert_btn.click(on_convert, [name, to], [message, *outputs], api_name="convert_adapter")
+    merge_btn.click(on_merge, [merge_names, merge_weight, merge_model, merged_name], message, api_name="merge_adapters",
+                    concurrency_id="gpu", concurrency_limit=1)
     refresh.click(rows, None, outputs, api_name="library", queue=False)
     inspect_btn.click(on_inspect, name, details, api_name="inspect_adapter")
     delete_btn.click(on_delete, name, [message, *outputs], api_name="delete_adapter")
@@ -110,3 +137,32 @@ def import_lora(state, file, adapter: str):
     shutil.copyfile(src, tmp / dest_name)
     tmp.rename(target)
     return target
+
+
+def convert_adapter(state, adapter: str, form: str):
+    """Write the other LoRA form (kohya <-> diffusers) next to the adapter's file in its library folder."""
+    from dcustom.adapters.convert import convert_lora
+
+    if form not in ("kohya", "diffusers"):
+        raise DcustomError(f"convert: {form!r} is not a known form; accepted: kohya, diffusers.")
+    folder = adapter_folder(state.paths, adapter)
+    dest = folder / ("lora_kohya.safetensors" if form == "kohya" else "pytorch_lora_weights.safetensors")
+    if dest.exists():
+        raise DcustomError(f"convert: {adapter!r} already has {dest.name}; nothing to do.")
+    source = folder / ("pytorch_lora_weights.safetensors" if form == "kohya" else "lora_kohya.safetensors")
+    return convert_lora(source if source.is_file() else folder, form, dest)
+
+
+def merge_adapters(state, adapters: list, weight: float, model: str, new_name: str):
+    """Bake library adapters into a base model; the result is a new model folder under <data>/models."""
+    from dcustom.adapters.convert import merge_into_model
+
+    if not adapters:
+        raise DcustomError("merge: no adapters were chosen; pick at least one from the library.")
+    name = safe_name(new_name, "new model name")
+    out = state.paths.models / name
+    if out.exists():
+        raise DcustomError(f"new model name: {name!r} is already taken under models/; choose another name.")
+    specs = [f"{adapter_folder(state.paths, a)}:{weight}" for a in adapters]
+    with state.gpu:
+        return merge_into_model(state.resolve_model(model), specs, out)
