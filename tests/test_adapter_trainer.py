@@ -170,7 +170,7 @@ def test_prior_class_images_generated_once(images, tmp_path):
 
 
 def test_bad_settings_get_clear_messages(images, tmp_path):
-    with pytest.raises(DcustomError, match=r"block_size: 5 does not divide the input width 32 of UNet layer"):
+    with pytest.raises(DcustomError, match=r"block_size: 5 does not divide the input width 64 of UNet layer .down_blocks.1.attentions.0"):
         train(make_cfg("oft", "sd15", images, tmp_path / "x", block_size=5), progress=False)
     with pytest.raises(DcustomError, match=r"target_modules: 'nope' matches no UNet layer"):
         train(make_cfg("lora", "sd15", images, tmp_path / "y", target_modules=["nope"]), progress=False)
