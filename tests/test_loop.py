@@ -130,3 +130,8 @@ def test_nan_loss_stops_with_message(tmp_path):
 def test_bad_optimizer_name(tmp_path):
     with pytest.raises(DcustomError, match="train.optimizer: 'sgd' is not known"):
         run_training(Regression(), cfg(tmp_path, optimizer="sgd"), progress=False)
+
+
+def test_bad_scheduler_name(tmp_path):
+    with pytest.raises(DcustomError, match="train.lr_scheduler: 'wavy' is not known; accepted: constant"):
+        run_training(Regression(), cfg(tmp_path, lr_scheduler="wavy"), progress=False)

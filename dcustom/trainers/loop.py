@@ -319,8 +319,12 @@ def run_training(method, cfg: LoopConfig, run_config=None, on_event: Optional[Ca
             dist.broadcast(p.data, src=0)
     set_seed(cfg.seed + accelerator.process_index)  # but different noise and augmentation per rank
     optimizer = accelerator.prepare_optimizer(_make_optimizer(cfg, param_list, accelerator.device.type))
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer.optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=cfg.steps)
+    try:
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer.optimizer, num_warmup_steps=cfg.warmup_steps,
+                                  num_training_steps=cfg.steps)
+    except ValueError:
+        raise DcustomError(f"train.lr_scheduler: {cfg.lr_scheduler!r} is not known; accepted: constant, "
+                           "constant_with_warmup, linear, cosine, polynomial.") from None
 
     step = 0
     if cfg.resume:
