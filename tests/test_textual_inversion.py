@@ -221,6 +221,8 @@ def test_bad_settings_get_clear_messages(images, tmp_path):
         from_dict(TextualInversionTrainConfig, {"embedding_fraction": 0.0})
     with pytest.raises(DcustomError, match=r"config: tokens: 'two words' is not a usable token"):
         from_dict(TextualInversionTrainConfig, {"tokens": ["two words"]})
+    with pytest.raises(DcustomError, match=r"config: tokens: '<Toy>' has capital letters, which CLIP tokenizers lower-case"):
+        from_dict(TextualInversionTrainConfig, {"tokens": ["<Toy>"]})
 
 
 def test_cli_trains_textual_inversion_from_the_shipped_config(cli, images, tmp_path):

@@ -69,6 +69,9 @@ class TextualInversionTrainConfig:
         bad = [t for t in self.tokens if not isinstance(t, str) or not t.strip() or any(c.isspace() for c in t)]
         if bad:
             raise ValueError(f"tokens: {bad[0]!r} is not a usable token; accepted: one word without spaces, e.g. '<toy-subject>'")
+        upper = [t for t in self.tokens if t != t.lower()]
+        if upper:  # CLIP tokenizers lowercase the prompt, so a capital letter would never match
+            raise ValueError(f"tokens: {upper[0]!r} has capital letters, which CLIP tokenizers lower-case in prompts; use {upper[0].lower()!r}")
         if len(set(self.tokens)) < len(self.tokens):
             raise ValueError(f"tokens: {self.tokens} names a token twice")
         if len(self.init_words) not in (1, len(self.tokens)):
