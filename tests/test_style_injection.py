@@ -114,7 +114,6 @@ def test_toy_model_style_transfer_keeps_content_and_moves_texture(tmp_path):
     from dcustom.toyworld.judges import load_judge
     from dcustom.toyworld.render import grid, render_samples, render_style
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     pipe = load_pipeline("builtin:toy", device="cpu")
     judge = load_judge("eval")
     contents = render_samples(50, seed=7, split="base")

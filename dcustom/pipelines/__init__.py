@@ -1,1 +1,49 @@
-"""Training-free modules that hook stock diffusers pipelines."""
+"""Training-free modules that hook stock diffusers pipelines.
+
+Public API (re-exported lazily, so importing this package does not import torch):
+
+    stylize(pipe, content_img, style_img, StyleInjectionConfig())   content + style -> StyleResult
+    invert(pipe, image, steps, layers=..., kinds=..., cache=...)     DDIM inversion (+ q/k/v recording)
+    style_injection(pipe, content_inv, style_inv, layers)            StyleID around a sampling call
+    attention_injection(pipe, roles=("style", "target"), steps=50)   MasaCtrl-style, reference in batch
+    shared_attention(pipe, n_targets, steps)                         StyleAligned for one shared style
+    latent_adain(z, z_style), token_adain(x, ref)                    AdaIN as functions
+    attention_hooks(unet, layers, make_processor, gate)              the hook context manager itself
+"""
+
+_LAZY = {
+    "stylize": "dcustom.pipelines.transfer:stylize",
+    "StyleResult": "dcustom.pipelines.transfer:StyleResult",
+    "invert": "dcustom.pipelines.inversion:invert",
+    "sample_from": "dcustom.pipelines.inversion:sample_from",
+    "InversionCache": "dcustom.pipelines.inversion:InversionCache",
+    "style_injection": "dcustom.pipelines.style_injection:style_injection",
+    "injection": "dcustom.pipelines.style_injection:injection",
+    "attention_injection": "dcustom.pipelines.attention_injection:attention_injection",
+    "shared_attention": "dcustom.pipelines.style_aligned:shared_attention",
+    "style_aligned_generate": "dcustom.pipelines.style_aligned:style_aligned_generate",
+    "latent_adain": "dcustom.pipelines.adain:latent_adain",
+    "token_adain": "dcustom.pipelines.adain:token_adain",
+    "adain": "dcustom.pipelines.adain:adain",
+    "attention_hooks": "dcustom.pipelines.hooks:attention_hooks",
+    "resolve_layers": "dcustom.pipelines.hooks:resolve_layers",
+    "TimestepGate": "dcustom.pipelines.hooks:TimestepGate",
+    "StyleInjectionConfig": "dcustom.pipelines.style_config:StyleInjectionConfig",
+    "AttentionInjectionConfig": "dcustom.pipelines.style_config:AttentionInjectionConfig",
+}
+
+
+def __getattr__(name):
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'dcustom.pipelines' has no attribute {name!r}")
+    import importlib
+
+    module_name, attr = target.split(":")
+    value = getattr(importlib.import_module(module_name), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
