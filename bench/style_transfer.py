@@ -120,7 +120,8 @@ def main():
     base_s, base_peak, base_store = rows["plain two-pass (fp32 q/k/v, no cache)"]
     print(f"{'variant':60s} {'s/pair':>9s} {'x plain':>8s} {'store MiB':>10s} {'peak GiB':>9s}")
     for name, (s, peak, store) in rows.items():
-        print(f"{name:60s} {s:9.3f} {base_s / s:7.2f}x {store / 2**20:10.2f} {peak:9.2f}")
+        peak_text = f"{peak:9.2f}" if peak == peak else f"{'n/a':>9s}"  # peak memory is measured on CUDA only
+        print(f"{name:60s} {s:9.3f} {base_s / s:7.2f}x {store / 2**20:10.2f} {peak_text}")
     print(f"feature store: optimised / plain = {rows['optimised, cold cache (fp16 q | k,v; style inverted once)'][2] / base_store:.3f}")
 
 

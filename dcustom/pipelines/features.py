@@ -32,7 +32,7 @@ class FeatureStore:
             if self.dtype is not None:
                 x = x.to(self.dtype)
             if self.offload is not None:
-                x = x.to(self.offload, non_blocking=True)
+                x = x.to(self.offload)  # blocking: a non-blocking copy to pageable host memory may be read early
             slot[kind] = x
 
     def get(self, layer: str, t: float, kind: str, device=None, dtype=None):
