@@ -134,9 +134,5 @@ def test_unknown_reward_and_bad_toy_options_are_clear_errors():
     with pytest.raises(DcustomError, match="reward.name: 'beauty' is not known; accepted: colourfulness"):
         build_reward("beauty")
     assert set(REWARDS) == {"colourfulness", "compressibility", "aesthetic", "clip_score", "toy_attribute", "toy_alignment"}
-    from dcustom.toyworld.judges import weights_path
-
-    if not weights_path("train").is_file():
-        pytest.skip("J_train weights are not shipped in this install (dcustom/toyworld/weights/judge_train.safetensors)")
     with pytest.raises(DcustomError, match="head='colour', value='pink' is not a judge class"):
         build_reward("toy_attribute", {"head": "colour", "value": "pink"})

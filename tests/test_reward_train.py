@@ -49,10 +49,12 @@ def test_cli_run_raises_colourfulness_and_writes_a_loadable_lora(tmp_path):
 def test_early_stopping_keeps_the_best_lora(tmp_path):
     # A negative coefficient makes training *lower* the reward, so the first evaluation after
     # step 0 is worse and patience 1 stops the run; the kept LoRA is the best one: step 0 (B = 0).
-    report, _ = _train(tmp_path, "train.steps=6", "train.sample_every=2", "reward.coeff=-1", "train.lr=1e-2",
-                       "eval.early_stop_patience=1", "policy.name=draft")
+    report, _ = _train(tmp_path, "train.steps=4", "train.sample_every=1", "reward.coeff=-1", "train.lr=1e-2",
+                       "eval.early_stop_patience=1", "policy.name=draft", "preflight_gradient_check=false",
+                       "eval.lora_scales=[]")
     assert report["early_stopped"] and report["best_step"] == 0
-    assert [e["step"] for e in report["evaluations"]] == [0, 2]
+    assert [e["step"] for e in report["evaluations"]] == [0, 1]
+    assert report["evaluations"][1]["reward_train"] < report["evaluations"][0]["reward_train"]
     from safetensors.torch import load_file
 
     weights = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))

@@ -51,13 +51,13 @@ def alignment_log_prob(judge, images, prompts):
 def toy_reward(kind: str, judge_kind: str, options: dict, device) -> Reward:
     from dcustom.toyworld.grammar import HEADS
 
-    judge = _judge(judge_kind, options, device)
     name = f"toy_{kind}_{'j_train' if judge_kind == 'train' else 'j_eval'}"
+    head, value = options.get("head", "colour"), options.get("value", "red")
+    if kind == "attribute" and (head not in HEADS or value not in HEADS[head]):
+        raise DcustomError(f"reward.options: head={head!r}, value={value!r} is not a judge class; accepted heads: "
+                           + "; ".join(f"{h}: {', '.join(c)}" for h, c in HEADS.items()) + ".")
+    judge = _judge(judge_kind, options, device)
     if kind == "attribute":
-        head, value = options.get("head", "colour"), options.get("value", "red")
-        if head not in HEADS or value not in HEADS[head]:
-            raise DcustomError(f"reward.options: head={head!r}, value={value!r} is not a judge class; accepted heads: "
-                               + "; ".join(f"{h}: {', '.join(c)}" for h, c in HEADS.items()) + ".")
         fn = lambda images, prompts: attribute_log_prob(judge, images, head, value)  # noqa: E731
     else:
         fn = lambda images, prompts: alignment_log_prob(judge, images, prompts)  # noqa: E731
