@@ -20,8 +20,10 @@ TRAIN_ARGS = dict(method="lora", model="tiny:sd15", trigger="sks", class_word="t
                   overrides="sample_steps=2\nwrite_kohya=false")
 
 
-def gen_args(model="tiny:sd15", prompt="a red circle", steps=2, seed=7, count=2, width=0, height=0, adapters=NO_ADAPTERS):
-    return [model, prompt, "", steps, 5.0, seed, False, count, width, height, "default", *adapters]
+def gen_args(model="tiny:sd15", prompt="a red circle", steps=2, seed=7, count=2, width=0, height=0, adapters=NO_ADAPTERS,
+             reference=None, reference_method="style_injection"):
+    return [model, prompt, "", steps, 5.0, seed, False, count, width, height, "default", *adapters, reference,
+            reference_method]
 
 
 def train_args(**changes):
@@ -112,6 +114,22 @@ def test_train_yaml_is_the_cli_config(app):
     assert data["method"] == "lora" and data["train"]["steps"] == 2 and data["rank"] == 4
     assert data["data"]["instance_prompt"] == "a photo of sks toy"
     assert data["train"]["output_dir"].startswith(str(state.paths.runs))
+
+
+@pytest.mark.parametrize("method", ["lora", "oft", "boft", "textual_inversion"])
+def test_every_subject_method_gets_a_config_the_cli_accepts(app, method, tmp_path):
+    """The YAML the Train tab shows is what `dcustom train <method> --config` loads (strict keys)."""
+    from dcustom.config import load_config
+    from dcustom.registry import get_method
+
+    _, client, _ = app
+    text = client.predict(*train_args(method=method, trigger="<sks>" if method == "textual_inversion" else "sks",
+                                      overrides="sample_steps=2"), api_name="/train_yaml")
+    (tmp_path / "run.yaml").write_text(text)
+    cfg = load_config(get_method(method).config_class(), tmp_path / "run.yaml")
+    assert cfg.method == method and cfg.train.steps == 2
+    if method == "textual_inversion":
+        assert cfg.tokens == ["<sks>"] and cfg.init_words == ["toy"] and cfg.data.instance_prompt == "a photo of <sks>"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -261,3 +279,19 @@ def test_stylize_a_pair(app):
     with pytest.raises(Exception, match="model: '/etc' is outside"):
         client.predict(handle_file(str(content)), handle_file(str(style)), "attention_injection", "/etc",
                        0.0, 1.0, 3, "decoder_self_late", 0.0, 1.0, True, api_name="/stylize")
+
+
+def test_generate_with_a_style_reference(app):
+    _, client, inputs = app
+    reference = write_images(inputs / "reference", n=1)[0]
+    plain, _ = client.predict(*gen_args(seed=3, count=1, steps=3), api_name="/generate")
+    styled, info = client.predict(*gen_args(seed=3, count=1, steps=3, reference=handle_file(str(reference))),
+                                  api_name="/generate")
+    params = json.loads(info)
+    assert params["method"] == "style_injection" and params["style"].endswith(".png")
+    assert "style_injection" in styled[0]["caption"]
+    import numpy as np
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(g[0]["image"]), dtype=np.int16) for g in (plain, styled))
+    assert np.abs(a - b).max() > 0

@@ -7,7 +7,8 @@ import json
 import gradio as gr
 
 from dcustom.app.errors import shown_in_ui
-from dcustom.app.service import MAX_COUNT, MAX_SIDE, MAX_STEPS, AppState, read_png_parameters
+from dcustom.app.service import MAX_COUNT, MAX_SIDE, MAX_STEPS, AppState, read_png_parameters, style_methods, stylize_files
+from dcustom.app.uploads import check_image_file
 from dcustom.generate_config import SCHEDULERS
 
 ADAPTER_SLOTS = 3
@@ -43,6 +44,12 @@ def build(state: AppState) -> dict:
                         enabled = gr.Checkbox(value=True, label="On", scale=1, min_width=60, elem_id=f"gen_enabled_{i}")
                     slots += [name, weight, enabled]
                 refresh = gr.Button("Refresh adapter list", size="sm", elem_id="gen_refresh_adapters")
+            with gr.Accordion("Style reference (training-free, optional)", open=False, elem_id="gen_style_box"):
+                style_ref = gr.Image(label="Style image", type="filepath", sources=["upload", "clipboard"], height=160,
+                                     elem_id="gen_style_ref")
+                methods = style_methods()
+                style_method = gr.Dropdown(methods, value=methods[0] if methods else None,
+                                           label="Each generated image is restyled with", elem_id="gen_style_method")
         with gr.Column(scale=6):
             gallery = gr.Gallery(label="Images", columns=2, height=520, format="png", elem_id="gen_gallery")
             to_style = gr.Button("Send selected image to the Style tab", interactive=False, elem_id="gen_to_style")
@@ -53,7 +60,10 @@ def build(state: AppState) -> dict:
     @shown_in_ui
     def on_generate(model, prompt, negative, steps, guidance, seed, random_seed, count, width, height, scheduler,
                     *slot_values, progress=gr.Progress()):
+        *slot_values, reference, reference_method = slot_values
         adapters = adapter_choices(slot_values)
+        if reference:
+            check_image_file(reference, state.limits, "style image")
         progress(0, desc="Loading model")
 
         def on_step(done, total):
@@ -63,12 +73,15 @@ def build(state: AppState) -> dict:
                                guidance=float(guidance), seed=None if random_seed else int(seed or 0),
                                width=int(width) or None, height=int(height) or None, count=int(count),
                                scheduler=scheduler, adapters=adapters, on_step=on_step)
+        if reference:
+            paths = [restyle(state, p, reference, reference_method, model, int(steps), progress) for p in paths]
         items = [(str(p), caption_of(p)) for p in paths]
         first = read_png_parameters(paths[0])
         return items, json.dumps(first, indent=1), str(paths[0]), gr.update(interactive=True)
 
     run.click(on_generate, [model, prompt, negative, steps, guidance, seed, random_seed, count, width, height,
-                            scheduler, *slots], [gallery, info, selected, to_style], api_name="generate", **GPU)
+                            scheduler, *slots, style_ref, style_method], [gallery, info, selected, to_style],
+              api_name="generate", **GPU)
 
     def on_select(evt: gr.SelectData):
         path = (evt.value or {}).get("image", {}).get("path") if isinstance(evt.value, dict) else None
@@ -86,6 +99,20 @@ def build(state: AppState) -> dict:
     refresh.click(on_refresh, None, names_only, api_name="refresh_adapters", queue=False)
     return {"model": model, "refresh": on_refresh, "adapter_dropdowns": names_only, "selected": selected,
             "to_style": to_style, "gallery": gallery}
+
+
+def restyle(state: AppState, image, reference, method: str, model: str, steps: int, progress):
+    """The generated image as content, the reference as style, the method's own γ/temperature defaults."""
+    from dcustom.registry import get_method
+
+    defaults = get_method(method, kind="style").config_class()()
+
+    def on_step(done, total):
+        progress((done, total), desc="Applying the style reference", unit="steps")
+
+    result, _grid = stylize_files(state, method=method, model=model, content=str(image), style=reference, steps=steps,
+                                  gamma=defaults.gamma, temperature=defaults.temperature, on_step=on_step)
+    return result
 
 
 def adapter_choices(slot_values) -> list[tuple[str, float]]:
@@ -106,4 +133,6 @@ def state_adapter_names(state: AppState) -> list[str]:
 
 def caption_of(path) -> str:
     p = read_png_parameters(path)
+    if p.get("method") != "generate":  # a restyled image carries its style settings
+        return f"{p.get('method')} · γ {p.get('gamma')} · T {p.get('temperature')}"
     return f"seed {p.get('seed')} · {p.get('steps')} steps · cfg {p.get('guidance')}"
