@@ -132,8 +132,10 @@ def test_injecting_a_runs_own_features_is_the_identity(pipe, guidance=2.0):
         with injection(pipe, layers, source, gamma=gamma, temperature=1.0) as gate:
             out = sample(pipe, guidance=guidance)
         assert len(gate.applied) == 2 * len(layers)
-        # SDPA with an explicit scale vs the original's implicit one may differ in the last bit.
-        torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)
+        if gamma in (0.0, 1.0):  # the very same q, k, v through the same SDPA call: exact (measured: equal)
+            assert torch.equal(out, stock)
+        else:  # 0.75·q + 0.25·q need not round back to q; measured equal on CPU here, not guaranteed
+            torch.testing.assert_close(out, stock, atol=1e-5, rtol=1e-5)
 
 
 def test_foreign_features_change_the_output_and_batch_mismatch_raises(pipe):
