@@ -137,7 +137,8 @@ def test_resume_continues_exactly(tmp_path, tiny_pipe):
 
 
 def test_training_moves_the_concept_towards_the_target(tmp_path, tiny_pipe):
-    """10 ESD-x steps bring ε_θ(x, c) at fixed x_t closer to ε*(x,∅) − η(ε*(x,c) − ε*(x,∅)) (measured: 20 steps, 6x)."""
+    """20 ESD-x steps bring ε_θ(x, c) at fixed x_t closer to ε*(x,∅) − η(ε*(x,c) − ε*(x,∅)): the squared
+    distance falls below half (measured 0.40, 0.13, 0.19, 0.18 of its start for loop seeds 0-3)."""
     from dcustom.trainers.erasure.conditioning import encode, predict, unconditional
     from dcustom.trainers.erasure.esd import esd_target
     from dcustom.trainers.erasure.run import run
@@ -155,7 +156,7 @@ def test_training_moves_the_concept_towards_the_target(tmp_path, tiny_pipe):
 
     before = distance()
     cfg = make_cfg(tmp_path, erase=["star"], esd={"ddim_steps": 4, "negative_guidance": 1.0, "lora_rank": 4},
-                   train={"output_dir": str(tmp_path / "run"), "device": "cpu", "steps": 10, "lr": 3e-3,
+                   train={"output_dir": str(tmp_path / "run"), "device": "cpu", "steps": 20, "lr": 3e-3,
                           "checkpoint_every": 0})
     run(cfg, pipe=pipe, progress=False)
     assert distance() < 0.5 * before
