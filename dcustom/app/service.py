@@ -6,7 +6,6 @@ with a shared concurrency id already serialises events, the lock also covers dir
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,9 +71,6 @@ class AppState:
             self._pipe_key = key
         return self._pipe
 
-    def forget_pipeline(self) -> None:
-        self._pipe, self._pipe_key = None, None
-
     def inversion_cache(self, model_key: str):
         """Inversions of recent content/style images (in memory), reused while the model stays the same."""
         from dcustom.pipelines.inversion import InversionCache
@@ -109,25 +105,14 @@ class AppState:
                       count=int(count), scheduler=scheduler, output_dir=str(self.paths.outputs), device=self.device)
         from dcustom.app.library import adapter_folder
 
-        specs = [f"{adapter_folder(self.paths, name)}:{float(weight)}" for name, weight in adapters or []]
-        takes_adapters = "adapters" in {f.name for f in dataclasses.fields(GenerateConfig)}
-        if takes_adapters:  # generate() puts exactly these adapters on the pipeline (and takes old ones off)
-            values["adapters"] = specs
+        # generate() puts exactly these adapters on the pipeline (and takes earlier ones off).
+        values["adapters"] = [f"{adapter_folder(self.paths, name)}:{float(weight)}" for name, weight in adapters or []]
         try:
             cfg = from_dict(GenerateConfig, values)
         except ValueError as exc:
             raise DcustomError(str(exc)) from None
         with self.gpu:
-            pipe = self.pipeline(model)
-            if takes_adapters:
-                return generate(cfg, pipe=pipe, on_step=on_step)
-            with self.adapters_applied(pipe, adapters or []):
-                return generate(cfg, pipe=pipe, on_step=on_step)
-
-    def adapters_applied(self, pipe, adapters: list):
-        from dcustom.app.library import adapters_applied
-
-        return adapters_applied(self, pipe, adapters)
+            return generate(cfg, pipe=self.pipeline(model), on_step=on_step)
 
 
 def check_range(name: str, value, low, high) -> None:
@@ -181,10 +166,8 @@ def stylize_files(state: AppState, *, method: str, model: str, content: str, sty
 
 
 def without_adapters(pipe) -> None:
-    try:
-        from dcustom.adapters.load import apply_adapters
-    except ImportError:
-        return
+    from dcustom.adapters.load import apply_adapters
+
     apply_adapters(pipe, [])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import typing
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ def field_path(cls, name: str) -> Optional[list[str]]:
         for f in fields:
             if f.name == name:
                 return prefix + [name]
-        hints = __import__("typing").get_type_hints(current)
+        hints = typing.get_type_hints(current)
         for f in fields:
             if dataclasses.is_dataclass(hints[f.name]):
                 queue.append((hints[f.name], prefix + [f.name]))
