@@ -63,6 +63,31 @@ def test_binds_localhost_by_default(app):
     assert client.src.startswith("http://127.0.0.1:")
 
 
+def test_gpu_work_shares_one_queue_slot(tmp_path):
+    """Generate, stylize and merge run one at a time through Gradio's queue (one shared concurrency id)."""
+    from dcustom.app.main import build_app, make_state
+
+    demo = build_app(make_state(tmp_path, "tiny:sd15"))
+    gpu = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name in ("generate", "stylize", "merge_adapters")}
+    assert set(gpu) == {"generate", "stylize", "merge_adapters"}
+    assert {fn.concurrency_id for fn in gpu.values()} == {"gpu"}
+    assert all(fn.queue and fn.concurrency_limit == 1 for fn in gpu.values())
+
+
+def test_earlier_runs_are_listed_after_a_restart(tmp_path):
+    from dcustom.app.main import make_state
+
+    run = tmp_path / "runs" / "20260101-000000-abcdef"
+    run.mkdir(parents=True)
+    (run / "run.yaml").write_text("method: oft\n")
+    (run / "events.jsonl").write_text('{"event": "step", "step": 1, "total": 2, "loss": 0.5}\n'
+                                      '{"event": "end", "status": "cancelled", "step": 1}\n')
+    state = make_state(tmp_path, "tiny:sd15")
+    job = state.training.get(run.name)
+    assert (job.status, job.method) == ("cancelled", "oft")
+    state.training.close()
+
+
 def test_generate_returns_images_with_their_parameters(app):
     state, client, _ = app
     gallery, info = client.predict(*gen_args(seed=11), api_name="/generate")

@@ -84,6 +84,19 @@ class TrainingQueue:
         self._worker.start()
 
     # -- public -------------------------------------------------------------------------------
+    def restore(self, runs_dir: Path) -> None:
+        """List the runs of earlier sessions (read-only: their status comes from events.jsonl)."""
+        for run_dir in sorted(p for p in Path(runs_dir).iterdir() if (p / "run.yaml").is_file()):
+            if run_dir.name in self.jobs:
+                continue
+            end = next((e for e in reversed(read_events(run_dir / "events.jsonl")) if e.get("event") == "end"), None)
+            status = end.get("status", "failed") if end else "failed"
+            method = next((line.split(":", 1)[1].strip() for line in (run_dir / "run.yaml").read_text().splitlines()
+                           if line.startswith("method:")), "?")
+            message = "from an earlier session" + ("" if end else "; it ended without an 'end' event (app stopped?)")
+            self.jobs[run_dir.name] = Job(run_dir.name, method, run_dir, run_dir / "run.yaml", "", status=status,
+                                          message=message)
+
     def submit(self, job: Job) -> Job:
         with self._lock:
             waiting = sum(1 for j in self.jobs.values() if j.status in ("queued", "running", "stopping"))

@@ -45,6 +45,7 @@ def make_state(data_dir: str | Path, default_model: Optional[str] = None, device
     paths = AppPaths.create(data_dir)
     state = AppState(paths, limits=limits or UploadLimits(), device=device)
     state.training = TrainingQueue(paths.adapters, cwd=paths.root)
+    state.training.restore(paths.runs)
     if default_model:
         state.default_model = default_model
     return state

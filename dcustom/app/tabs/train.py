@@ -51,7 +51,8 @@ def build(state, queue, adapter_dropdowns: list) -> dict:
                                interactive=False, lines=8, max_lines=20, elem_id="train_yaml")
             yaml_file = gr.File(label="Download the YAML", interactive=False, elem_id="train_yaml_file")
         with gr.Column(scale=6):
-            job = gr.Dropdown([], value=None, label="Job", elem_id="train_job")
+            job = gr.Dropdown(list(reversed(queue.jobs)), value=None, label="Job", allow_custom_value=True,
+                              elem_id="train_job")
             status = gr.Markdown("No training job yet.", elem_id="train_status")
             progress = gr.Slider(0, 100, value=0, label="Progress (%)", interactive=False, elem_id="train_progress")
             loss_plot = gr.Plot(label="Training loss", elem_id="train_loss")
@@ -144,7 +145,7 @@ def render(snap: dict) -> tuple:
         if snap["queue_position"] is not None else snap["status"]
     lines = [f"**{snap['id']}** · {snap['method']} · **{where if snap['status'] != 'stopping' else 'stopping'}**",
              f"step {snap['step']} / {total or '?'}" + (f" · {snap['elapsed_s']:.0f} s" if snap["elapsed_s"] else ""),
-             f"adapter: `{snap['adapter']}`"]
+             f"adapter: `{snap['adapter']}`" if snap["adapter"] else ""]
     if snap["message"]:
         lines.append(snap["message"])
     return "  \n".join(lines), round(pct, 1), loss_figure(snap["loss"]), snap["samples"], snap["log"]
