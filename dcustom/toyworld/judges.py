@@ -54,8 +54,8 @@ def _heads_module(dim: int) -> nn.ModuleDict:
 
 
 class BnReluCnn(nn.Module):
-    """J_train: 3x3 convs with batch norm and ReLU, a strided then max-pooled pyramid, 2x2 spatial pooling
-    (keeps coarse layout), 64-d features."""
+    """J_train: 3x3 convs with batch norm and ReLU, a strided then max-pooled pyramid; features from a
+    global max pool (local evidence such as corners and points) plus a 2x2 average pool (coarse layout)."""
 
     feature_dim = 64
 
@@ -69,13 +69,15 @@ class BnReluCnn(nn.Module):
             *block(3, 16), *block(16, 24, 2),  # 32
             *block(24, 32), nn.MaxPool2d(2),  # 16
             *block(32, 64), nn.MaxPool2d(2),  # 8
-            *block(64, 96), nn.AdaptiveAvgPool2d(2),
+            *block(64, 96),
         )
-        self.neck = nn.Sequential(nn.Flatten(), nn.Linear(96 * 4, self.feature_dim), nn.ReLU())
+        self.neck = nn.Sequential(nn.Linear(96 * 5, self.feature_dim), nn.LeakyReLU(0.1))  # no dead feature units
         self.heads = _heads_module(self.feature_dim)
 
     def embed(self, x):
-        return self.neck(self.body(x))
+        h = self.body(x)
+        pooled = torch.cat([h.amax(dim=(2, 3)), F.adaptive_avg_pool2d(h, 2).flatten(1)], dim=1)
+        return self.neck(pooled)
 
 
 class GnSiluMaxpoolCnn(nn.Module):
