@@ -261,3 +261,18 @@ def test_sdxl_conditioning_and_gradient_pass_through():
         a = sampler.model_output(x, 500, cond, grad=False)
         b = sampler.model_output(x, 500, other, grad=False)
     assert (a - b).abs().max() > 0
+
+
+def test_best_of_n_keeps_the_highest_scoring_sample_per_prompt(sd15):
+    from dcustom.trainers.reward.baselines import best_of_n
+
+    pipe, _ = sd15
+    sampler = _sampler(pipe)
+    reward = build_reward("colourfulness")
+    chosen, calls = best_of_n(sampler, reward, PROMPTS, n=3, seed=5)
+    assert calls == 6 and chosen.shape == (2, 3, 32, 32)
+    with torch.no_grad():
+        cond = sampler.encode(PROMPTS)
+        each = torch.stack([reward(sampler.rollout(cond, NoGrad(), generator=torch.Generator().manual_seed(5 + j)).images,
+                                   PROMPTS) for j in range(3)])
+    torch.testing.assert_close(reward(chosen, PROMPTS), each.max(0).values)

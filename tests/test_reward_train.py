@@ -61,6 +61,25 @@ def test_early_stopping_keeps_the_best_lora(tmp_path):
     assert all(float(v.abs().max()) == 0.0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
 
 
+def test_resume_continues_exactly_with_a_random_policy(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    common = ["train.steps=2", "train.checkpoint_every=1", "train.sample_every=0", "policy.name=alignprop_step",
+              "train.lr=1e-2", "preflight_gradient_check=false", "eval.lora_scales=[]", "sampler.eta=1.0"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _train(straight, *common)
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoints" / "step-1", resumed / "checkpoints" / "step-1")
+    report, _ = _train(resumed, *common, "train.resume=latest")
+    a = load_file(str(straight / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(resumed / "pytorch_lora_weights.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+    assert [e["step"] for e in report["evaluations"]] == [0, 2]  # step 0 came back with the checkpoint
+    assert [b["step"] for b in report["batch_rewards"]] == [0, 1]
+
+
 def test_bad_config_values_are_one_clear_sentence(tmp_path):
     result = CliRunner().invoke(app, ["train", "reward", "--set", "policy.name=draft_q"])
     assert result.exit_code == 2
@@ -86,10 +105,14 @@ def test_toy_make_it_red_raises_j_eval_and_keeps_unrelated_prompts(tmp_path):
                        "reward.options={head: colour, value: red}", "prompts=[a circle on a white background,"
                        " a square on a gray background, a star on a white background]",
                        "policy.name=draft_k", "policy.k=2", "sampler.steps=10", "sampler.height=null",
-                       "sampler.width=null", "train.steps=30", "train.sample_every=15", "train.lr=1e-3")
+                       "sampler.width=null", "train.steps=30", "train.sample_every=15", "train.lr=1e-3",
+                       "eval.best_of_n=true", "eval.images_per_prompt=4")
     evals = report["evaluations"]
     gain_eval = evals[-1]["reward_eval"] - evals[0]["reward_eval"]
+    print("toy make-it-red:", json.dumps({"evaluations": evals, "hacking_gap": report["hacking_gap"],
+                                          "best_of_n": report["best_of_n"]}))
     assert gain_eval > 0.2, evals
+    assert evals[-1]["reward_eval"] > report["best_of_n"]["reward_eval"], report["best_of_n"]
     # prompt accuracy on unrelated prompts, LoRA on vs off (J_eval)
     from dcustom.models import load_pipeline
     from dcustom.trainers.reward.policies import NoGrad

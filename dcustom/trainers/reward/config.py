@@ -73,6 +73,7 @@ class EvalSettings:
     early_stop_patience: int = opt(0, "Stop after this many evaluations without improvement (0: never); the best LoRA is kept.")
     early_stop_metric: str = opt("train", "What early stopping watches on the evaluation images: train (the training reward) or eval (its held-out counterpart).")
     min_delta: float = opt(0.0, "Smallest improvement that resets the patience.")
+    best_of_n: bool = opt(False, "At the end, also report best-of-N sampling from the base model at the same number of reward-model calls as training.")
 
     def __post_init__(self):
         if self.early_stop_metric not in ("train", "eval"):

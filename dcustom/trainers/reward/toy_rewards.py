@@ -62,3 +62,17 @@ def toy_reward(kind: str, judge_kind: str, options: dict, device) -> Reward:
     else:
         fn = lambda images, prompts: alignment_log_prob(judge, images, prompts)  # noqa: E731
     return Reward(name, fn, differentiable=judge_kind == "train", modules=(judge,))
+
+
+def prompt_accuracy(judge, images, prompts) -> float | None:
+    """Share of the attributes named in the prompts that the judge sees in the images (J_eval)."""
+    from dcustom.toyworld.grammar import parse_caption
+
+    pred = judge.predict(images)
+    hits = total = 0
+    for i, prompt in enumerate(prompts):
+        for head, cls in parse_caption(prompt).items():
+            if head in pred:
+                hits += pred[head]["labels"][i] == cls
+                total += 1
+    return hits / total if total else None

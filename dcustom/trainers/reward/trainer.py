@@ -100,7 +100,10 @@ class RewardMethod:
         if result.kl is not None:
             loss = loss + r_cfg.kl_weight * result.kl
         if not loss.requires_grad:
-            raise DcustomError(no_gradient_message(self.reward.name))
+            if result.grad_calls > 0:
+                raise DcustomError(no_gradient_message(self.reward.name))
+            # A random truncation policy may keep no call at all on a short chain: a zero update.
+            loss = loss + sum(p.sum() for p in self.params.values()) * 0.0
         self.batch_rewards.append({"step": step, "reward": float(scores.detach().mean()),
                                    "grad_steps": result.grad_steps, "grad_calls": result.grad_calls,
                                    "kl": None if result.kl is None else float(result.kl.detach())})
@@ -153,6 +156,10 @@ class RewardMethod:
         record = {"reward_train": float(train_scores.mean()), "reward_train_std": float(train_scores.std(unbiased=False)),
                   "reward_eval": None if eval_scores is None else float(eval_scores.mean()),
                   "diversity": _diversity(stacked)}
+        if self.cfg.reward.name.startswith("toy_") and self.eval_reward is not None:
+            from dcustom.trainers.reward.toy_rewards import prompt_accuracy
+
+            record["prompt_accuracy_eval"] = prompt_accuracy(self.eval_reward.modules[0], flat, prompts)
         if grid_path is not None:
             _save_grid(stacked, grid_path)
         return record
@@ -190,6 +197,26 @@ class RewardMethod:
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_(self.best_state[name].to(p.device, p.dtype))
+
+    def best_of_n_baseline(self) -> dict:
+        """Best-of-N from the *base* model at the reward-model calls training spent (N per eval prompt)."""
+        import torch
+
+        from dcustom.trainers.reward.baselines import best_of_n
+        from dcustom.trainers.reward.lora import lora_scale
+
+        # one entry per micro-batch; each scored batch_size images (times the DRaFT-LV copies)
+        calls = len(self.batch_rewards) * self.cfg.train.batch_size * max(1, self.policy.lv_copies)
+        n = max(1, calls // len(self.eval_prompts))
+        with lora_scale(self.pipe.unet, 0.0):
+            images, spent = best_of_n(self.sampler, self.reward, self.eval_prompts, n, self.cfg.eval.seed,
+                                      self.cfg.sampler.negative_prompt)
+        with torch.no_grad():
+            out = {"n": n, "reward_calls": spent, "training_reward_calls": calls,
+                   "reward_train": float(self.reward(images, self.eval_prompts).float().mean()),
+                   "reward_eval": None if self.eval_reward is None
+                   else float(self.eval_reward(images, self.eval_prompts).float().mean())}
+        return out
 
     def scale_curve(self) -> list[dict]:
         from dcustom.trainers.reward.lora import lora_scale
@@ -250,5 +277,8 @@ def run(cfg: RewardTrainConfig, on_event=None, should_stop=None, progress: bool 
         result.files = [str(p) for p in method.save(result.run_dir)]
         result.status = "early_stopped"
     curve = method.scale_curve() if result.status != "cancelled" else []
-    write_report(result.run_dir, method.summary(), method.history, curve)
+    summary = method.summary()
+    if cfg.eval.best_of_n and result.status != "cancelled":
+        summary["best_of_n"] = method.best_of_n_baseline()
+    write_report(result.run_dir, summary, method.history, curve)
     return result
