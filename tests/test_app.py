@@ -320,3 +320,19 @@ def test_generate_with_a_style_reference(app):
 
     a, b = (np.asarray(Image.open(g[0]["image"]), dtype=np.int16) for g in (plain, styled))
     assert np.abs(a - b).max() > 0
+
+
+def test_publish_copies_files_and_peft_folders_atomically(tmp_path):
+    """A finished run's deliverables (files and OFT/BOFT peft folders) land in the library intact."""
+    from dcustom.app.jobs import publish_adapter
+
+    run = tmp_path / "run"
+    (run / "unet").mkdir(parents=True)
+    (run / "unet" / "adapter_model.safetensors").write_bytes(b"w")
+    (run / "unet" / "adapter_config.json").write_text("{}")
+    (run / "lora_extracted_kohya.safetensors").write_bytes(b"x")
+    (run / "config.yaml").write_text("method: oft\n")
+    dest = publish_adapter(run, [str(run / "unet"), "lora_extracted_kohya.safetensors"], tmp_path / "lib" / "oft-a")
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == [
+        "config.yaml", "lora_extracted_kohya.safetensors", "unet/adapter_config.json", "unet/adapter_model.safetensors"]
+    assert not list((tmp_path / "lib").glob(".*"))  # no temp folder left behind

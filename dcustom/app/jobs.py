@@ -224,7 +224,10 @@ def publish_adapter(run_dir: Path, files: list, dest: Path) -> Path:
         src = src if src.is_absolute() else run_dir / src
         rel = src.resolve().relative_to(run_dir)
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, tmp / rel)
+        if src.is_dir():  # a peft folder (OFT/BOFT: unet/adapter_model.safetensors + adapter_config.json)
+            shutil.copytree(src, tmp / rel)
+        else:
+            shutil.copy2(src, tmp / rel)
     if (run_dir / "config.yaml").is_file():
         shutil.copy2(run_dir / "config.yaml", tmp / "config.yaml")
     if dest.exists():
