@@ -57,8 +57,9 @@ def snapshot(module):
 CASES = [
     ("lora", "sd15", dict(alpha=8.0, rank=4)),  # alpha != rank: the true alpha must survive every format
     ("lora", "sdxl", dict(alpha=2.0, rank=4, text_encoder_lora=True, text_encoder_rank=2)),
-    ("lora", "sd2", dict(rank=4, dora=True, min_snr_gamma=None, noise_offset=0.05)),
-    ("oft", "sd15", dict(block_size=8, extract_rank=8)),
+    ("lora", "sd2", dict(rank=4, dora=True, min_snr_gamma=None, noise_offset=0.05,
+                         data={"cache_latents": False, "cache_text": False})),
+    ("oft", "sd15", dict(block_size=8, extract_rank=8, train={"gradient_checkpointing": True})),
     ("oft", "sdxl", dict(block_size=8, extract_rank=8, write_merged=True)),
     ("boft", "sd2", dict(block_size=4, extract_rank=8)),
     ("boft", "sdxl", dict(block_size=4, extract_rank=8)),

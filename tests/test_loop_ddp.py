@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 images, out = sys.argv[1], Path(sys.argv[2])
 cfg = LoraTrainConfig(model="tiny:sd15", rank=4, validation_prompts=[],
                       data=DataConfig(images=images, instance_prompt="a photo of sks dog", resolution=32),
-                      train=LoopConfig(output_dir=str(out / "run"), steps=2, lr=1e-2, device="cpu", checkpoint_every=0))
+                      train=LoopConfig(output_dir=str(out / "run"), steps=2, lr=1e-2, device="cpu", checkpoint_every=1))
 result = train(cfg, progress=False)
 rank = result.method.ctx.rank
 assert result.method.ctx.num_processes == 2, result.method.ctx.num_processes
@@ -59,3 +59,7 @@ def test_two_ranks_end_with_identical_adapter_weights(tmp_path):
     steps = [line for line in (run / "events.jsonl").read_text().splitlines() if '"event": "step"' in line]
     assert len(steps) == 2  # one writer: the main process
     assert (run / "pytorch_lora_weights.safetensors").is_file()
+    import pickle
+
+    states = pickle.loads((run / "checkpoints" / "step-1" / "rng.pkl").read_bytes())
+    assert len(states) == 2 and not (states[0]["torch"] == states[1]["torch"]).all()  # each rank's own RNG

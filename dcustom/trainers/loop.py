@@ -208,7 +208,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_checkpoint(run_dir: Path, step: int, method, params: dict, optimizer, scheduler, keep: int) -> Path:
+def _save_checkpoint(run_dir: Path, step: int, method, params: dict, optimizer, scheduler, keep: int,
+                     rng_states: list) -> Path:
     """Write checkpoints/step-N under a temp name, then rename: a crash never leaves half a checkpoint."""
     import pickle
 
@@ -222,7 +223,7 @@ def _save_checkpoint(run_dir: Path, step: int, method, params: dict, optimizer, 
     save_file({k: p.detach().float().cpu().contiguous() for k, p in params.items()}, str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     # RNG states hold Python tuples that weights_only loading refuses; we wrote them ourselves.
-    (tmp / "rng.pkl").write_bytes(pickle.dumps(_rng_state()))
+    (tmp / "rng.pkl").write_bytes(pickle.dumps(rng_states))  # one state per rank
     extra = method.extra_state() if hasattr(method, "extra_state") else {}
     (tmp / "state.json").write_text(json.dumps({"step": step, "extra": extra}))
     method.save(tmp)
@@ -235,7 +236,7 @@ def _save_checkpoint(run_dir: Path, step: int, method, params: dict, optimizer, 
     return final
 
 
-def _load_checkpoint(path: Path, method, params: dict, optimizer, scheduler) -> int:
+def _load_checkpoint(path: Path, method, params: dict, optimizer, scheduler, rank: int = 0) -> int:
     import pickle
 
     import torch
@@ -254,7 +255,8 @@ def _load_checkpoint(path: Path, method, params: dict, optimizer, scheduler) -> 
     state = json.loads((path / "state.json").read_text())
     if hasattr(method, "load_extra_state"):
         method.load_extra_state(state.get("extra", {}))
-    _set_rng_state(pickle.loads((path / "rng.pkl").read_bytes()))
+    states = pickle.loads((path / "rng.pkl").read_bytes())
+    _set_rng_state(states[rank] if rank < len(states) else states[0])
     return int(state["step"])
 
 
@@ -328,7 +330,8 @@ def run_training(method, cfg: LoopConfig, run_config=None, on_event: Optional[Ca
 
     step = 0
     if cfg.resume:
-        step = _load_checkpoint(find_checkpoint(run_dir, cfg.resume), method, params, optimizer.optimizer, scheduler)
+        step = _load_checkpoint(find_checkpoint(run_dir, cfg.resume), method, params, optimizer.optimizer, scheduler,
+                                accelerator.process_index)
     bar_cm = contextlib.nullcontext(None)
     if progress and is_main:
         from dcustom.progress import step_progress
@@ -395,9 +398,13 @@ def _stop_requested(should_stop) -> bool:
 
 
 def _checkpoint(accelerator, run_dir, step, method, params, optimizer, scheduler, cfg, events) -> None:
+    from accelerate.utils import gather_object
+
     accelerator.wait_for_everyone()
+    rng_states = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]
     if accelerator.is_main_process:
-        path = _save_checkpoint(run_dir, step, method, params, optimizer.optimizer, scheduler, cfg.keep_checkpoints)
+        path = _save_checkpoint(run_dir, step, method, params, optimizer.optimizer, scheduler, cfg.keep_checkpoints,
+                                rng_states)
         events.emit("save", step=step, folder=str(path), checkpoint=True)
     accelerator.wait_for_everyone()
 
