@@ -58,6 +58,16 @@ def page(app):
         browser.close()
 
 
+def save_screenshot(page, path: Path) -> None:
+    """Full-page PNG, palette-quantised (a UI has few colours) so the docs copies stay small."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
+    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
 def open_tab(page, name):
     page.get_by_role("tab", name=name).click()
 
@@ -91,7 +101,7 @@ def test_generate_shows_progress_and_images(page, shots):
     expect(page.get_by_text("Denoising").first).to_be_visible(timeout=60_000)  # gr.Progress while sampling
     expect(page.locator("#gen_gallery img")).to_have_count(2, timeout=120_000)
     expect(page.locator("#gen_info textarea")).to_have_value(__import__("re").compile('"steps": 30'))
-    page.screenshot(path=str(shots / "app_generate.png"), full_page=True)
+    save_screenshot(page, shots / "app_generate.png")
 
 
 def test_send_to_style_and_stylize(page, shots, tmp_path):
@@ -109,7 +119,7 @@ def test_send_to_style_and_stylize(page, shots, tmp_path):
     page.locator("#style_run").click()
     expect(page.locator("#style_result img").first).to_be_visible(timeout=120_000)
     expect(page.locator("#style_grid img").first).to_be_visible()
-    page.screenshot(path=str(shots / "app_style.png"), full_page=True)
+    save_screenshot(page, shots / "app_style.png")
 
 
 def test_non_image_upload_shows_the_error(page, tmp_path):
@@ -142,7 +152,7 @@ def test_train_see_progress_then_use_the_adapter(app, page, shots, tmp_path):
     expect(status).to_contain_text("step 1 / 3", timeout=180_000)  # live progress from events.jsonl
     expect(status).to_contain_text("added to the library", timeout=180_000)
     expect(page.locator("#train_samples img").first).to_be_visible()
-    page.screenshot(path=str(shots / "app_train.png"), full_page=True)
+    save_screenshot(page, shots / "app_train.png")
     assert (state.paths.adapters / "browser-lora" / "pytorch_lora_weights.safetensors").is_file()
 
     open_tab(page, "Generate")  # the finished adapter is offered there without a reload
@@ -164,4 +174,4 @@ def test_adapters_tab_lists_and_inspects(page, shots):
     page.get_by_role("option", name="browser-lora").click()
     page.locator("#lib_inspect").click()
     expect(page.locator("#lib_details")).to_contain_text("sd1")
-    page.screenshot(path=str(shots / "app_adapters.png"), full_page=True)
+    save_screenshot(page, shots / "app_adapters.png")
