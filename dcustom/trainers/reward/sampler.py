@@ -29,19 +29,6 @@ class Conditioning:
     added: Optional[dict] = None  # SDXL: {"text_embeds": [.., P], "time_ids": [.., 6]}
     cfg: bool = False
 
-    def repeat(self, n: int) -> "Conditioning":
-        """The same conditioning for n stacked copies of the batch (DRaFT-LV)."""
-        import torch
-
-        def rep(x):
-            if not self.cfg:
-                return torch.cat([x] * n)
-            u, c = x.chunk(2)
-            return torch.cat([torch.cat([u] * n), torch.cat([c] * n)])
-
-        added = None if self.added is None else {k: rep(v) for k, v in self.added.items()}
-        return Conditioning(rep(self.embeds), added, self.cfg)
-
 
 @dataclass
 class Rollout:
