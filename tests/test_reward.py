@@ -224,8 +224,11 @@ def test_lora_scale_interpolates_between_base_and_trained(perturbed):
 
 def test_saved_lora_loads_in_a_fresh_pipeline_with_identical_output(perturbed, tmp_path):
     pipe, _ = perturbed
-    path = save_reward_lora(pipe, tmp_path)
-    assert path.name == "pytorch_lora_weights.safetensors"
+    paths = save_reward_lora(pipe, tmp_path, "tiny:sd15", {"method": "reward"})
+    assert [p.name for p in paths] == ["pytorch_lora_weights.safetensors", "lora_kohya.safetensors"]
+    from dcustom.adapters.files import read_metadata
+
+    assert read_metadata(paths[0])["dcustom.method"] == "reward"
     fresh = load_pipeline("tiny:sd15", device="cpu", dtype="fp32")
     fresh.load_lora_weights(str(tmp_path))
     out = []

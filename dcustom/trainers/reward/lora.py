@@ -1,8 +1,8 @@
 """LoRA on the UNet for reward fine-tuning: add (peft via `unet.add_adapter`), list, save, scale.
 
-The saved file is diffusers' `pytorch_lora_weights.safetensors` (written by the pipeline class's
-own `save_lora_weights`, with the peft config as adapter metadata so the true alpha survives), so
-`pipe.load_lora_weights(folder)` loads it in any diffusers pipeline of the same family.
+The saved files are diffusers' `pytorch_lora_weights.safetensors` (the pipeline class's own
+`save_lora_weights`, with the peft config so the true alpha survives; `pipe.load_lora_weights(folder)`
+loads it) and a kohya/A1111 copy, both through the shared writers in `dcustom.adapters.files`.
 """
 
 from __future__ import annotations
@@ -34,24 +34,18 @@ def lora_parameters(unet) -> dict:
     return {name: p for name, p in unet.named_parameters() if "lora_" in name and p.requires_grad}
 
 
-def save_reward_lora(pipe, folder: Path, metadata: dict | None = None) -> Path:
-    """Write the adapter as diffusers LoRA weights into `folder` (temp file, then rename)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
+def save_reward_lora(pipe, folder: Path, base_model: str = "", config: dict | None = None) -> list[Path]:
+    """Write the adapter into `folder`: diffusers LoRA (+ peft config, true alpha) and kohya/A1111 keys,
+    both with dcustom metadata, each written to a temp name then renamed (dcustom.adapters.files)."""
+    from dcustom.adapters.files import dcustom_metadata, save_diffusers_lora, save_kohya_lora
+    from dcustom.models import family_of
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    unet = pipe.unet
-    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
-    peft_config = unet.peft_config[ADAPTER_NAME].to_dict()
-    peft_config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in peft_config.items()}
-    tmp_name = "pytorch_lora_weights.safetensors.tmp"
-    type(pipe).save_lora_weights(str(folder), unet_lora_layers=state, weight_name=tmp_name,
-                                 unet_lora_adapter_metadata=peft_config)
-    final = folder / "pytorch_lora_weights.safetensors"
-    (folder / tmp_name).replace(final)
-    return final
+    family = family_of(pipe).name
+    meta = dcustom_metadata("reward", base_model or getattr(pipe, "_dcustom_spec", ""), family, config, "diffusers")
+    return [save_diffusers_lora(folder, pipe, [], meta, ADAPTER_NAME),
+            save_kohya_lora(folder, pipe, family, [], meta, ADAPTER_NAME)]
 
 
 @contextlib.contextmanager

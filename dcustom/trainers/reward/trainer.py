@@ -115,7 +115,9 @@ class RewardMethod:
     def save(self, folder: Path) -> list[Path]:
         from dcustom.trainers.reward.lora import save_reward_lora
 
-        return [save_reward_lora(self.pipe, folder)]
+        from dcustom.config import to_dict
+
+        return save_reward_lora(self.pipe, folder, self.cfg.model, to_dict(self.cfg))
 
     def sample(self, step: int, folder: Path) -> list[Path]:
         """Evaluation at `step`: rewards on the fixed evaluation set, a grid, the report, early stopping."""
