@@ -87,6 +87,7 @@ def test_bad_config_values_are_one_clear_sentence(tmp_path):
     result = CliRunner().invoke(app, ["train", "reward", "--set", "prompt_file=/nonexistent.txt",
                                       "--set", f"train.output_dir={tmp_path}", "--set", "train.device=cpu"])
     assert result.exit_code == 2 and "prompt_file: '/nonexistent.txt' does not exist" in result.output
+    assert not (tmp_path / "config.yaml").exists()
 
 
 TOY = toy_model_dir()

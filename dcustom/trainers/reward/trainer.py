@@ -269,6 +269,7 @@ def run(cfg: RewardTrainConfig, on_event=None, should_stop=None, progress: bool 
     from dcustom.trainers.loop import run_training
     from dcustom.trainers.reward.report import write_report
 
+    read_prompts(cfg)  # a bad prompt file fails before the run folder is created
     method = RewardMethod(cfg)
     result = run_training(method, cfg.train, run_config=cfg, on_event=on_event, progress=progress,
                           should_stop=lambda: method.early_stopped or _external_stop(should_stop))
