@@ -111,7 +111,11 @@ def to_tensor(images) -> torch.Tensor:
     else:
         if not isinstance(images, (list, tuple)):
             images = [images]
+        if all(isinstance(im, torch.Tensor) for im in images):
+            return to_tensor(torch.stack(list(images)))
         arrays = [np.asarray(im.convert("RGB") if hasattr(im, "convert") else im, dtype=np.uint8) for im in images]
+        if len({a.shape for a in arrays}) > 1:  # mixed sizes: bring each to 64x64 first
+            return torch.cat([to_tensor([a]) for a in arrays])
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
     x = x.float()
     if x.shape[-2:] != (64, 64):

@@ -475,8 +475,9 @@ def _run(cfg: ToyBaseConfig, stop_after, log, on_step) -> Path:
             run_.lr_sched.step()
             if stage == "unet" and run_.ema is not None:
                 with torch.no_grad():
-                    torch._foreach_lerp_(list(run_.ema.parameters()), list(_unwrap(run_.unet).parameters()),
-                                         1 - cfg.unet.ema_decay)
+                    # EMA warmup: early on the average follows the weights (else a short run evaluates its init)
+                    decay = min(cfg.unet.ema_decay, (1 + run_.step) / (10 + run_.step))
+                    torch._foreach_lerp_(list(run_.ema.parameters()), list(_unwrap(run_.unet).parameters()), 1 - decay)
             run_.step += 1
             run_.global_step += 1
             value = float(loss.detach())
@@ -507,9 +508,7 @@ def finish(run_: Run) -> Path:
 
     cfg = run_.cfg
     run_.unet = _unwrap(run_.unet)
-    if run_.ema is not None:
-        run_.unet.load_state_dict(run_.ema.state_dict())
-    pipe = run_.pipeline(use_ema=False)
+    pipe = run_.pipeline(use_ema=True)  # export the EMA weights; the checkpoint keeps both, so a run can be extended
     out = save_model_folder(pipe, run_.dir / "model")
     run_.checkpoint()
     run_.event({"event": "end", "model": str(out)})
