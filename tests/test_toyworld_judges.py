@@ -82,3 +82,14 @@ def test_toyworld_import_is_torch_free():
     code = "import dcustom.toyworld as t; t.render_samples; t.HEADS\nimport sys\nassert 'torch' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_cli_train_judges_writes_a_loadable_judge(cli, tmp_path):
+    code, out, err = cli("toyworld", "train-judges", "--which", "eval", "--images", "128", "--epochs", "1",
+                         "--check-images", "32", "--output-dir", tmp_path)
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert set(result["fresh_accuracy"]) == {"shape", "colour", "background", "subject", "style"}
+    judge = load_judge("eval", path=tmp_path / "judge_eval.safetensors")
+    assert judge.arch == RECIPES["eval"].arch and json.loads(judge.meta["fresh_accuracy"]) == result["fresh_accuracy"]
+    assert not list(tmp_path.glob("*.tmp"))

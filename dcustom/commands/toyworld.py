@@ -47,6 +47,9 @@ def train_judges(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Where to write judge_<kind>.safetensors "
                                               "(default: the package's weights folder)."),
     threads: int = typer.Option(0, "--threads", help="torch CPU threads (0 = default)."),
+    images: Optional[int] = typer.Option(None, "--images", help="Training renders (default: the recipe's)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: the recipe's)."),
+    check_images: int = typer.Option(2000, "--check-images", help="Fresh renders for the accuracy report."),
 ):
     """Train the judges on CPU from their fixed recipes (a few minutes each) and report fresh-render accuracy."""
     import json
@@ -62,7 +65,8 @@ def train_judges(
         torch.set_num_threads(threads)
     for kind in kinds[which]:
         out = Path(output_dir) / f"judge_{kind}.safetensors" if output_dir else None
-        result = train_judge(kind, out, log=lambda m: typer.echo(m, err=True))
+        result = train_judge(kind, out, images=images, epochs=epochs, check_images=check_images,
+                             log=lambda m: typer.echo(m, err=True))
         typer.echo(json.dumps(result))
 
 
