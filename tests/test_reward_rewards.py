@@ -145,3 +145,17 @@ def test_unknown_reward_and_bad_toy_options_are_clear_errors():
     assert set(REWARDS) == {"colourfulness", "compressibility", "aesthetic", "clip_score", "toy_attribute", "toy_alignment"}
     with pytest.raises(DcustomError, match="head='colour', value='pink' is not a judge class"):
         build_reward("toy_attribute", {"head": "colour", "value": "pink"})
+
+
+def test_shipped_judges_give_a_differentiable_train_reward_and_an_eval_counterpart():
+    from dcustom.toyworld.judges import weights_path
+
+    if not (weights_path("train").is_file() and weights_path("eval").is_file()):
+        pytest.skip("the toy-world judges' weights are not shipped in this install")
+    x = _images(size=64)
+    for name in ("toy_attribute", "toy_alignment"):
+        train = build_reward(name, {"head": "colour", "value": "red"})
+        held_out = build_eval_reward(name, {"head": "colour", "value": "red"})
+        assert train.name.endswith("j_train") and held_out.name.endswith("j_eval") and not held_out.differentiable
+        assert train.modules[0] is not held_out.modules[0]
+        assert _grad_reaches_images(train, x, ["a red circle", "a blue square on a dotted background"])
