@@ -27,14 +27,23 @@ def _byte_to_char() -> dict[int, str]:
     return table
 
 
-def _word_merges(word: str, table: dict[int, str]) -> list[tuple[str, str]]:
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply merges the way BPE does: repeatedly merge the lowest-ranked adjacent pair."""
+    symbols = list(symbols)
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [(r, i) for r, i in pairs if r is not None]
+        if not pairs:
+            break
+        _, i = min(pairs)
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    return symbols
+
+
+def _word_symbols(word: str, table: dict[int, str]) -> list[str]:
     symbols = [table[b] for b in word.encode("utf-8")]
     symbols[-1] += "</w>"
-    merges, current = [], symbols[0]
-    for nxt in symbols[1:]:
-        merges.append((current, nxt))
-        current += nxt
-    return merges
+    return symbols
 
 
 def write_clip_tokenizer(words, out_dir: str | Path, model_max_length: int = 77) -> Path:
@@ -45,15 +54,22 @@ def write_clip_tokenizer(words, out_dir: str | Path, model_max_length: int = 77)
     base = list(table.values())
     vocab_list = base + [c + "</w>" for c in base]
     merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
     seen = set(vocab_list)
     for word in sorted({w.lower() for w in words if re.fullmatch(r"[a-z0-9<>\-_]+", w.lower())}):
-        for a, b in _word_merges(word, table):
-            if (a, b) in merges:
-                continue
-            merges.append((a, b))
-            if a + b not in seen:
-                seen.add(a + b)
-                vocab_list.append(a + b)
+        # Tokenize with the merges so far, then join what is left with new, lower-priority merges.
+        # Earlier words never reach a state where only a new merge applies, so they stay one token.
+        pieces = _bpe(_word_symbols(word, table), ranks)
+        current = pieces[0]
+        for nxt in pieces[1:]:
+            pair = (current, nxt)
+            if pair not in ranks:
+                ranks[pair] = len(merges)
+                merges.append(pair)
+            current += nxt
+            if current not in seen:
+                seen.add(current)
+                vocab_list.append(current)
     vocab_list += [START, END]
     vocab = {tok: i for i, tok in enumerate(vocab_list)}
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
