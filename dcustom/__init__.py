@@ -17,18 +17,6 @@ _LAZY = {
     "load_adapter": "dcustom.adapters.load:load_adapter",
 }
 
+from dcustom.lazy import lazy_exports  # noqa: E402
 
-def __getattr__(name):
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'dcustom' has no attribute {name!r}")
-    import importlib
-
-    module_name, attr = target.split(":")
-    value = getattr(importlib.import_module(module_name), attr)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -19,12 +19,6 @@ _LAZY = {
     "esd_target": "dcustom.trainers.erasure.esd:esd_target",
 }
 
+from dcustom.lazy import lazy_exports  # noqa: E402
 
-def __getattr__(name):
-    target = _LAZY.get(name)
-    if target is None:
-        raise AttributeError(f"module 'dcustom.trainers.erasure' has no attribute {name!r}")
-    import importlib
-
-    module_name, attr = target.split(":")
-    return getattr(importlib.import_module(module_name), attr)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
