@@ -10,8 +10,8 @@ in_batch   : no feature store at all; references ride in the batch (for memory-b
 Prints seconds per pair, feature-store bytes and (on CUDA) peak memory, and the ratios to plain.
 Absolute times are only meaningful on a GPU; on CPU with tiny models quote the ratios.
 
-    python bench/style_transfer.py --model tiny:sd15 --steps 10 --contents 4
-    python bench/style_transfer.py --model runwayml/stable-diffusion-v1-5 --steps 50 --device cuda
+    python bench/style.py --model tiny:sd15 --steps 10 --contents 4
+    python bench/style.py --model runwayml/stable-diffusion-v1-5 --steps 50 --device cuda
 """
 
 from __future__ import annotations
