@@ -149,7 +149,8 @@ def test_train_see_progress_then_use_the_adapter(app, page, shots, tmp_path):
     page.locator("#train_start").click()
     status = page.locator("#train_status")
     expect(status).to_contain_text("running", timeout=30_000)
-    expect(status).to_contain_text("step 1 / 3", timeout=180_000)  # live progress from events.jsonl
+    # Live progress from events.jsonl; a fast machine may finish before the 1 s poll sees step 1.
+    expect(status).to_contain_text(__import__("re").compile(r"step [1-3] / 3"), timeout=180_000)
     expect(status).to_contain_text("added to the library", timeout=180_000)
     expect(page.locator("#train_samples img").first).to_be_visible()
     save_screenshot(page, shots / "app_train.png")
