@@ -9,6 +9,18 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and two threads on a busy 2-core machine made single
+    UNet calls 10x slower (oversubscription); every test runs on one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_pipe():
     """A factory of fresh tiny pipelines: tiny_pipe("sd15" | "sd2" | "sdxl")."""

@@ -13,15 +13,6 @@ from dcustom.pipelines.style_config import AttentionInjectionConfig
 from dcustom.pipelines.transfer import stylize
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads and lose a lot when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=["tiny:sd15", "tiny:sdxl"])
 def pipe(request):
     return load_pipeline(request.param, device="cpu")

@@ -26,15 +26,6 @@ from dcustom.models import load_pipeline
 DIM = 32  # tiny pipelines' text width (both SDXL encoders too)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine it costs 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def prompt_embeds(pipe, prompt: str):
     with torch.no_grad():
         if hasattr(pipe, "text_encoder_2"):

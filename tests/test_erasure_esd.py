@@ -8,14 +8,6 @@ from dcustom.config import from_dict
 from dcustom.trainers.erasure.config import ErasureTrainConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_cfg(tmp_path, kind="sd15", algorithm="esd_x", mode="lora", **over):
     data = dict(model=f"tiny:{kind}", algorithm=algorithm, erase=["star", "cat"], templates=["a {}"],
                 esd={"ddim_steps": 2, "train_mode": mode, "negative_guidance": 2.0},

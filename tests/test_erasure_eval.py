@@ -11,14 +11,6 @@ from dcustom.config import from_dict
 from dcustom.trainers.erasure.config import ErasureTrainConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def judge_or_random():
     """The shipped J_eval; where its weights are not in this checkout, the same network with random
     weights (the numbers are then meaningless, the plumbing is the same)."""

@@ -12,15 +12,6 @@ TEMPLATES = ["{}", "a {}", "a picture of a {}", "a {} on a white background"]
 PRESERVE = ["circle", "square", "dog", "car"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The tiny UNet is faster on one thread than on two contended ones.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_cfg(tmp_path, kind="sd15", **over):
     data = dict(model=f"tiny:{kind}", erase=["star"], anchors=[""], preserve=PRESERVE, templates=TEMPLATES,
                 train={"output_dir": str(tmp_path / "run"), "device": "cpu"})

@@ -20,15 +20,6 @@ from dcustom.pipelines.style_injection import injection
 SPECS = ["tiny:sd15", "tiny:sdxl"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads and lose a lot when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=SPECS)
 def pipe(request):
     torch.manual_seed(0)

@@ -11,15 +11,6 @@ from dcustom.trainers.reward.rewards import (REWARDS, build_eval_reward, build_r
                                              colourfulness_oracle, compressibility_proxy, jpeg_kilobytes)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are tiny: one thread is as fast, and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(seed=0, n=2, size=32):
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 

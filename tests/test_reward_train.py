@@ -16,15 +16,6 @@ SMALL = ["sampler.steps=2", "sampler.height=32", "sampler.width=32", "train.devi
          "eval.images_per_prompt=2", "eval.lora_scales=[0,1]"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are tiny: one thread is as fast, and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train(tmp_path, *overrides):
     args = ["train", "reward", "--config", "configs/reward.yaml", "--set", f"train.output_dir={tmp_path}"]
     for o in SMALL + list(overrides):

@@ -9,15 +9,6 @@ from dcustom.models import load_pipeline
 from dcustom.pipelines.style_aligned import shared_attention, style_aligned_generate
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads and lose a lot when the cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return load_pipeline("tiny:sd15", device="cpu")
