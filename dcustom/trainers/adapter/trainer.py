@@ -65,8 +65,9 @@ class AdapterMethod:
         self.skipped = []
 
     # --- loop interface -------------------------------------------------------------------
-    def setup(self, ctx: LoopContext):
-        import torch
+    def _load_frozen_pipeline(self, ctx: LoopContext):
+        """Shared start of every subject trainer: the pipeline on the device, family, prediction
+        type, a DDPM noise scheduler, and every base weight frozen. Returns the pipeline."""
         from diffusers import DDPMScheduler
 
         from dcustom.families import prediction_type
@@ -86,6 +87,13 @@ class AdapterMethod:
         self.text_encoders = [getattr(pipe, n) for n in self.family.text_encoders]
         for module in [pipe.unet, pipe.vae, *self.text_encoders]:
             module.requires_grad_(False)
+        return pipe
+
+    def setup(self, ctx: LoopContext):
+        import torch
+
+        cfg = self.cfg
+        pipe = self._load_frozen_pipeline(ctx)
         self.train_te = cfg.method == "lora" and cfg.text_encoder_lora
         self._check_targets(pipe.unet)
         pipe.unet.add_adapter(peft_config_for(cfg))

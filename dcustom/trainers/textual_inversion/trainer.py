@@ -80,25 +80,8 @@ class TextualInversionMethod(AdapterMethod):
 
     # --- loop interface -------------------------------------------------------------------
     def setup(self, ctx: LoopContext):
-        from diffusers import DDPMScheduler
-
-        from dcustom.families import prediction_type
-        from dcustom.models import family_of, load_pipeline
-
         cfg = self.cfg
-        self.ctx = ctx
-        if self.pipe is None:
-            self.pipe = load_pipeline(cfg.model, dtype="fp32", device=str(ctx.device))
-        pipe = self.pipe
-        pipe.to(ctx.device)
-        self.family = family_of(pipe)
-        self.prediction = prediction_type(pipe)
-        if self.prediction not in ("epsilon", "v_prediction"):
-            raise DcustomError(f"model {cfg.model!r} predicts {self.prediction!r}; accepted: epsilon or v_prediction.")
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.text_encoders = [getattr(pipe, n) for n in self.family.text_encoders]
-        for module in [pipe.unet, pipe.vae, *self.text_encoders]:
-            module.requires_grad_(False)
+        pipe = self._load_frozen_pipeline(ctx)
         self.train_te = False  # no text-encoder LoRA: only the new rows learn on the text side
         self.scale = cfg.embedding_lr / ctx.cfg.lr if cfg.embedding_lr else 1.0
         self.slots = [self._add_tokens(attr, tok) for attr, tok in zip(self.family.text_encoders, self.family.tokenizers)]
