@@ -132,8 +132,21 @@ def _load_builtin(spec: str, torch_dtype):
     return _load_folder(folder, torch_dtype)
 
 
+TOY_OVERRIDE_ENV = "DCUSTOM_TOY_MODEL_DIR"
+
+
 def toy_model_dir() -> Path | None:
-    """The shipped toy-model folder, or None when this install has none."""
+    """The folder behind builtin:toy: the shipped one, or None when this install has none.
+
+    DCUSTOM_TOY_MODEL_DIR points builtin:toy at another toy-model folder, so a candidate from
+    'dcustom toyworld train-base' can be run through the quality tests before it is installed."""
+    override = os.environ.get(TOY_OVERRIDE_ENV)
+    if override:
+        folder = Path(override).expanduser().resolve()
+        if not (folder / "model_index.json").is_file():
+            raise DcustomError(f"{TOY_OVERRIDE_ENV}={override!r} is not a diffusers model folder (no model_index.json); "
+                               "point it at the model/ folder of a 'dcustom toyworld train-base' run or unset it.")
+        return folder
     folder = Path(__file__).resolve().parent / "toyworld" / "weights" / "toy"
     return folder if (folder / "model_index.json").is_file() else None
 

@@ -115,6 +115,17 @@ def test_builtin_toy_says_clearly_when_missing():
         load_pipeline("builtin:toy")
 
 
+def test_toy_override_points_builtin_toy_at_a_candidate_folder(tmp_path, monkeypatch):
+    from dcustom.models import TOY_OVERRIDE_ENV
+
+    load_pipeline("tiny:sd15").save_pretrained(tmp_path / "candidate")
+    monkeypatch.setenv(TOY_OVERRIDE_ENV, str(tmp_path / "candidate"))
+    assert load_pipeline("builtin:toy").unet.config.sample_size == load_pipeline("tiny:sd15").unet.config.sample_size
+    monkeypatch.setenv(TOY_OVERRIDE_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(DcustomError, match="DCUSTOM_TOY_MODEL_DIR=.* is not a diffusers model folder"):
+        load_pipeline("builtin:toy")
+
+
 def test_bad_dtype():
     with pytest.raises(DcustomError, match="dtype 'fp8' is not known; accepted: auto, fp32, fp16, bf16"):
         load_pipeline("tiny:sd15", dtype="fp8")
