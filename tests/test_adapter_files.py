@@ -92,17 +92,3 @@ def test_generate_with_adapter_option(cli, runs, tmp_path):
                          "--height", "32", "-o", tmp_path, "--adapter", f"{root / 'lora'}:0.8", "--device", "cpu")
     assert code == 0, err
     assert len(list(tmp_path.glob("*.png"))) == 1
-
-
-def test_boft_with_two_factors_without_cuda_extension_is_explained(tmp_path):
-    from peft import BOFTConfig
-    from peft.tuners.boft.layer import get_fbd_cuda
-
-    from dcustom.adapters.load import _check_boft_factor
-    from dcustom.errors import DcustomError
-
-    if get_fbd_cuda():
-        pytest.skip("peft's BOFT CUDA extension is available here")
-    with pytest.raises(DcustomError, match="BOFT adapter with 2 butterfly factors, which peft builds only with its CUDA extension"):
-        _check_boft_factor(BOFTConfig(boft_n_butterfly_factor=2, target_modules=["to_q"]), tmp_path)
-    _check_boft_factor(BOFTConfig(boft_n_butterfly_factor=1, target_modules=["to_q"]), tmp_path)

@@ -145,7 +145,10 @@ def _load_peft(pipe, folder: Path, name: str, scale: float) -> None:
         raise DcustomError(f"adapter {str(folder)!r}: OFT/BOFT adapters are rotations and load at weight 1 only; "
                            "use its extracted LoRA (lora_extracted_kohya.safetensors) for a weighted mix.")
     config = PeftConfig.from_pretrained(str(folder))
-    _check_boft_factor(config, folder)
+    if getattr(config, "peft_type", None) == "BOFT":
+        from dcustom.adapters.boft_kernel import ensure_boft_kernel
+
+        ensure_boft_kernel()  # else peft builds 1 butterfly factor and the saved weights do not fit
     state = load_file(str(folder / PEFT_WEIGHTS))
     try:
         config.inference_mode = True  # loaded adapters are not trained further
@@ -158,18 +161,6 @@ def _load_peft(pipe, folder: Path, name: str, scale: float) -> None:
         raise DcustomError(f"adapter {str(folder)!r} has weights this UNet lacks (e.g. {unexpected[0]!r}); made for another model.")
     pipe.unet.to(pipe.device)
     pipe.unet.set_adapter(list(pipe.unet.peft_config))
-
-
-def _check_boft_factor(config, folder: Path) -> None:
-    """peft builds BOFT with >1 butterfly factor only through its CUDA extension; say so instead of a shape error."""
-    factor = getattr(config, "boft_n_butterfly_factor", 1) or 1
-    if factor > 1:
-        from peft.tuners.boft.layer import get_fbd_cuda
-
-        if not get_fbd_cuda():
-            raise DcustomError(f"adapter {str(folder)!r} is a BOFT adapter with {factor} butterfly factors, which peft "
-                               "builds only with its CUDA extension (fbd_cuda), unavailable here; load it on a CUDA "
-                               "machine, or use its extracted LoRA (lora_extracted_kohya.safetensors).")
 
 
 def adapter_summary(path) -> dict:

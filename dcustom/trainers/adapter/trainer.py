@@ -96,6 +96,10 @@ class AdapterMethod:
         pipe = self._load_frozen_pipeline(ctx)
         self.train_te = cfg.method == "lora" and cfg.text_encoder_lora
         self._check_targets(pipe.unet)
+        if cfg.method == "boft":
+            from dcustom.adapters.boft_kernel import ensure_boft_kernel
+
+            self.boft_kernel = ensure_boft_kernel()  # before the layers exist: peft reads it while building them
         pipe.unet.add_adapter(peft_config_for(cfg))
         if cfg.method == "boft":
             self._record_effective_butterfly(pipe.unet)
@@ -206,14 +210,15 @@ class AdapterMethod:
                                            f"UNet layer {n!r}; accepted: a divisor of every targeted layer's width.")
 
     def _record_effective_butterfly(self, unet):
-        """peft silently trains BOFT with 1 butterfly factor when its CUDA extension cannot be built (always on
-        CPU). Record the factor actually used, so the saved adapter_config matches the saved weights."""
+        """peft silently trains BOFT with 1 butterfly factor when it finds no block-diagonal kernel. With
+        ensure_boft_kernel() that should not happen; the check stays in case a peft version stops reading
+        the kernel cache. Records the factor actually used, so the saved adapter_config matches the weights."""
         from peft.tuners.boft.layer import BOFTLayer
 
         layer = next(m for m in unet.modules() if isinstance(m, BOFTLayer))
         effective = int(layer.boft_R["default"].shape[0])
         if effective != self.cfg.butterfly_factor:
-            log.warning("BOFT: peft's CUDA extension (fbd_cuda) is unavailable, so peft trains with %d butterfly "
+            log.warning("BOFT: peft found no block-diagonal kernel, so it trains with %d butterfly "
                         "factor(s) instead of %d; the saved adapter records %d.", effective, self.cfg.butterfly_factor, effective)
             unet.peft_config["default"].boft_n_butterfly_factor = effective
         self.effective_butterfly_factor = effective
