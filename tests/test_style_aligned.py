@@ -51,3 +51,59 @@ def test_style_aligned_generate_from_a_style_image(pipe):
                                  height=32, width=32, output_type="latent")
     assert out.shape == (3, 4, 16, 16)
     assert len(pipe.unet._forward_pre_hooks_with_kwargs) == 0
+
+
+def _ddim_plain(pipe, seeds, steps, guidance):
+    """Plain generation as `dcustom generate --scheduler ddim` runs it (dcustom.generate.run_pipeline)."""
+    from dcustom.generate import run_pipeline, set_scheduler
+    from dcustom.generate_config import GenerateConfig
+
+    original = pipe.scheduler
+    set_scheduler(pipe, "ddim")
+    try:
+        cfg = GenerateConfig(prompt="a red circle", steps=steps, guidance=guidance, scheduler="ddim")
+        return run_pipeline(pipe, cfg, seeds)
+    finally:
+        pipe.scheduler = original
+
+
+def test_generate_with_style_reference_off_is_plain_generation_and_on_leaves_no_hooks(pipe):
+    from dcustom.pipelines.inversion import InversionCache
+    from dcustom.pipelines.style_aligned import generate_with_style_reference
+
+    style = Image.fromarray((np.random.RandomState(1).rand(64, 64, 3) * 255).astype("uint8"))
+    seeds, steps = [5, 6], 3
+    plain = [np.asarray(im) for im in _ddim_plain(pipe, seeds, steps, 4.0)]
+    for reference, strength in ((None, 1.0), (style, 0.0)):
+        off = generate_with_style_reference(pipe, "a red circle", reference, seeds=seeds, steps=steps, guidance=4.0,
+                                            strength=strength)
+        assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(plain, off.images))  # bit-identical
+    assert off.settings["attended_steps"] == 0
+
+    processors = dict(pipe.unet.attn_processors)
+    scheduler = pipe.scheduler
+    cache, ticks = InversionCache(), []
+    on = generate_with_style_reference(pipe, "a red circle", style, seeds=seeds, steps=steps, guidance=4.0,
+                                       strength=1.0, cache=cache, on_step=lambda done, total: ticks.append((done, total)))
+    assert len(on.images) == 2 and on.images[0].size == (64, 64)
+    assert all(np.abs(a.astype(int) - np.asarray(b, dtype=int)).max() > 0 for a, b in zip(plain, on.images))
+    assert on.settings["attended_steps"] == steps and on.settings["inversion"]["cache_hit"] is False
+    assert ticks[-1] == (2 * steps, 2 * steps)  # inversion + sampling steps
+    # Nothing left behind: the very processor objects, the scheduler, no forward pre-hook.
+    assert all(pipe.unet.attn_processors[n] is p for n, p in processors.items())
+    assert pipe.scheduler is scheduler and len(pipe.unet._forward_pre_hooks_with_kwargs) == 0
+
+    # Strength = the fraction of steps that attend: 1 of 3 steps lands between off and full.
+    partial = generate_with_style_reference(pipe, "a red circle", style, seeds=seeds, steps=steps, guidance=4.0,
+                                            strength=0.2, cache=cache)
+    assert partial.settings["attended_steps"] == 1 and partial.settings["inversion"]["cache_hit"] is True
+    assert not np.array_equal(np.asarray(partial.images[0]), np.asarray(on.images[0]))
+    assert not np.array_equal(np.asarray(partial.images[0]), plain[0])
+
+
+def test_generate_with_style_reference_refuses_a_strength_out_of_range(pipe):
+    from dcustom.errors import DcustomError
+    from dcustom.pipelines.style_aligned import generate_with_style_reference
+
+    with pytest.raises(DcustomError, match="style strength must be between 0 and 1 .* got 1.5"):
+        generate_with_style_reference(pipe, "a cat", None, seeds=[0], steps=2, strength=1.5)

@@ -7,6 +7,7 @@ Public API (re-exported lazily, so importing this package does not import torch)
     style_injection(pipe, content_inv, style_inv, layers)            StyleID around a sampling call
     attention_injection(pipe, roles=("style", "target"), steps=50)   MasaCtrl-style, reference in batch
     shared_attention(pipe, n_targets, steps)                         StyleAligned for one shared style
+    generate_with_style_reference(pipe, prompt, style_img, seeds=[0])  text-to-image attending to a reference image
     latent_adain(z, z_style), token_adain(x, ref)                    AdaIN as functions
     attention_hooks(unet, layers, make_processor, gate)              the hook context manager itself
 """
@@ -22,6 +23,7 @@ _LAZY = {
     "attention_injection": "dcustom.pipelines.attention_injection:attention_injection",
     "shared_attention": "dcustom.pipelines.style_aligned:shared_attention",
     "style_aligned_generate": "dcustom.pipelines.style_aligned:style_aligned_generate",
+    "generate_with_style_reference": "dcustom.pipelines.style_aligned:generate_with_style_reference",
     "latent_adain": "dcustom.pipelines.adain:latent_adain",
     "token_adain": "dcustom.pipelines.adain:token_adain",
     "adain": "dcustom.pipelines.adain:adain",
