@@ -1,7 +1,8 @@
 """Style injection (StyleID) end to end on tiny pipelines: sources agree, every switch matters, the
 pipeline is stock afterwards. The toy-model quality check needs builtin:toy (skipped without it)."""
 
-import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,8 +125,14 @@ def test_toy_model_style_transfer_keeps_content_and_moves_texture(tmp_path):
     r, c, s = (texture_stats(x, judge) for x in (results, content_images, style_images))
     before = (c - s).norm(dim=1).mean().item()
     after = (r - s).norm(dim=1).mean().item()
+    out = Path("runs/quality/style_injection")  # the README's grid and figures come from here
+    out.mkdir(parents=True, exist_ok=True)
     grid([im for trio in zip(content_images[:8], style_images[:8], results[:8]) for im in trio], columns=3).save(
-        tmp_path / "toy_style_grid.png")
+        out / "grid.png")
+    figures = {"pairs": len(results), "steps": config.steps, "gamma": config.gamma, "temperature": config.temperature,
+               "shape_kept": kept, "texture_distance_content": before, "texture_distance_result": after,
+               "texture_distance_reduction": 1 - after / before}
+    (out / "quality.json").write_text(json.dumps(figures, indent=2))
     print(f"toy style transfer: shape kept {kept:.1%} of {len(known)}; texture distance to style "
           f"{before:.3f} -> {after:.3f} ({1 - after / before:.1%} lower)")
     assert kept >= 0.90

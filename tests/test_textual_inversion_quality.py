@@ -128,7 +128,6 @@ def test_pivotal_tuning_recognises_the_subject_at_least_as_well_as_lora(tmp_path
     for name, f in figures.items():
         print(f"{name:18s} subject {f['subject_recognition']:.2f}  background {f['background_accuracy']:.2f}  "
               f"similarity {f['subject_similarity']:.3f}  ({f.get('cpu_wall_s', 0)} s)")
-    slack = 1 / figures["lora"]["images"]
-    assert figures["pivotal_lora"]["subject_recognition"] >= figures["lora"]["subject_recognition"] - slack, figures
+    assert figures["pivotal_lora"]["subject_recognition"] >= figures["lora"]["subject_recognition"], figures
     assert figures["pivotal_lora"]["background_accuracy"] >= 0.85, figures
     assert figures["textual_inversion"]["subject_recognition"] > figures["base"]["subject_recognition"], figures
