@@ -211,6 +211,10 @@ def _load_single_file(path: Path, torch_dtype, config):
     if config is not None:
         kwargs["config"] = str(config)
         kwargs["local_files_only"] = True
+        if is_xl:  # equal-width text encoders (tiny SDXL) need the second one loaded by key prefix
+            from dcustom.single_file.read import sdxl_text_encoder_2_override
+
+            kwargs.update(sdxl_text_encoder_2_override(path, config, torch_dtype))
     elif not _hub_reachable():
         kwargs["local_files_only"] = True
     try:

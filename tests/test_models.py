@@ -35,27 +35,6 @@ def test_diffusers_folder_round_trip(tmp_path):
     assert np.abs(_image(pipe) - _image(again)).max() < 1e-5
 
 
-def test_single_file_round_trip(tmp_path):
-    from dcustom.single_file import save_single_file
-
-    pipe = load_pipeline("tiny:sd15")
-    pipe.save_pretrained(tmp_path / "configs")
-    save_single_file(pipe, tmp_path / "model.safetensors")
-    again = load_pipeline(str(tmp_path / "model.safetensors"), config=str(tmp_path / "configs"))
-    for name in ("unet", "vae", "text_encoder"):
-        ours, theirs = getattr(pipe, name).state_dict(), getattr(again, name).state_dict()
-        assert set(ours) == set(theirs)
-        assert all(torch.equal(ours[k], theirs[k].reshape(ours[k].shape)) for k in ours)
-    assert np.abs(_image(pipe) - _image(again)).max() < 1e-6
-
-
-def test_single_file_export_refuses_other_families(tmp_path):
-    with pytest.raises(DcustomError, match="single-file export supports SD1.x pipelines; this one is Stable Diffusion XL"):
-        from dcustom.single_file import save_single_file
-
-        save_single_file(load_pipeline("tiny:sdxl"), tmp_path / "x.safetensors")
-
-
 def test_unknown_spec_lists_what_is_accepted():
     with pytest.raises(DcustomError) as err:
         load_pipeline("stable diffusion please")

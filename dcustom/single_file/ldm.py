@@ -1,15 +1,15 @@
-"""Write an SD1.x pipeline as one original-layout (LDM) checkpoint, as A1111/ComfyUI/Forge read it.
+"""UNet and VAE weights in the original LDM (CompVis) layout, shared by SD1.x, SD2.x and SDXL.
 
-diffusers only reads this layout (`from_single_file`); it has no writer in the library, so the
-mapping below is written from the two architectures' module names:
+diffusers only reads this layout (`from_single_file`); it has no writer, so the mapping below is
+written from the two architectures' module names:
   UNet  `model.diffusion_model.*` (openaimodel: input_blocks / middle_block / output_blocks)
   VAE   `first_stage_model.*`     (encoder.down.i.block.j, decoder.up.k.block.j, mid.attn_1)
-  text  `cond_stage_model.transformer.text_model.*` (the Hugging Face CLIP layout)
+SD2/SDXL differ from SD1 only in ways the weights already carry: linear proj_in/proj_out (the
+original uses nn.Linear there too), head sizes (config, not weights), deeper transformer stacks
+(`transformer_blocks.N` stays inside the attention block's key) and SDXL's `label_emb`.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from dcustom.errors import DcustomError
 
@@ -111,29 +111,3 @@ def vae_to_ldm(state: dict, num_blocks: int) -> dict:
             new = f"{side}.norm_out.{parts[-1]}"
         out["first_stage_model." + new] = value
     return out
-
-
-def save_single_file(pipe, path: str | Path, metadata: dict | None = None) -> Path:
-    """Save an SD1.x pipeline as one `.safetensors` checkpoint in the original layout (atomically)."""
-    from safetensors.torch import save_file
-
-    from dcustom.models import family_of
-
-    family = family_of(pipe)
-    if family.name != "sd1":
-        raise DcustomError(
-            f"single-file export supports SD1.x pipelines; this one is {family.label}: save it as a diffusers "
-            "folder with pipe.save_pretrained instead."
-        )
-    state = unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config)
-    state.update(vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels)))
-    for key, value in pipe.text_encoder.state_dict().items():
-        key = key[len("text_model."):] if key.startswith("text_model.") else key
-        state["cond_stage_model.transformer.text_model." + key] = value
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp")
-    save_file(state, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    tmp.replace(path)
-    return path
