@@ -56,6 +56,8 @@ def generate(
     config: Optional[Path] = typer.Option(None, "--config", help="A generate YAML (see `dcustom config print generate`)."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
     adapter: List[str] = typer.Option([], "--adapter", "-a", help="Adapter 'path' or 'path:weight' (repeatable; they stack)."),
+    style_ref: Optional[Path] = typer.Option(None, "--style-ref", help="Style reference image: the images attend to it while they are sampled (DDIM)."),
+    style_strength: float = typer.Option(None, "--style-strength", help="Fraction of the steps attending to the style reference (0-1, default 1)."),
 ):
     """Generate images; writes PNGs with their parameters in PNG text metadata and prints the paths."""
     from dcustom.config import load_config
@@ -63,16 +65,19 @@ def generate(
 
     flags = dict(prompt=prompt, model=model, model_config=model_config, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
                  seed=seed, width=width, height=height, count=count, scheduler=scheduler,
-                 output_dir=output_dir, device=device, dtype=dtype, adapters=list(adapter) or None)
+                 output_dir=output_dir, device=device, dtype=dtype, adapters=list(adapter) or None,
+                 style_ref=str(style_ref) if style_ref else None, style_strength=style_strength)
     try:
         cfg = load_config(GenerateConfig, config, overrides=list(set_) + overrides_as_yaml_strings(flags))
     except DcustomError as exc:
         fail(str(exc))
     from dcustom.generate import generate as run_generate
+    from dcustom.generate import load_style_reference
     from dcustom.models import load_pipeline
     from dcustom.progress import step_progress
 
     try:
+        load_style_reference(cfg)  # a bad image path fails before the model loads
         typer.echo(f"loading {cfg.model} ...", err=True)
         pipe = load_pipeline(cfg.model, dtype=cfg.dtype, device=cfg.device, config=cfg.model_config)
         with step_progress(f"generating {cfg.count} image(s)", cfg.steps) as on_step:

@@ -32,16 +32,33 @@ def set_scheduler(pipe, name: str) -> None:
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
 
 
-def a1111_parameters(cfg: GenerateConfig, seed: int, width: int, height: int) -> str:
+def a1111_parameters(cfg: GenerateConfig, seed: int, width: int, height: int, reference: Optional[dict] = None) -> str:
     """The 'parameters' PNG text A1111/Forge and many viewers read back."""
     lines = [cfg.prompt]
     if cfg.negative_prompt:
         lines.append(f"Negative prompt: {cfg.negative_prompt}")
-    lines.append(
-        f"Steps: {cfg.steps}, Sampler: {cfg.scheduler}, CFG scale: {cfg.guidance}, Seed: {seed}, "
-        f"Size: {width}x{height}, Model: {cfg.model}"
-    )
+    sampler = reference["sampler"] if reference else cfg.scheduler
+    line = (f"Steps: {cfg.steps}, Sampler: {sampler}, CFG scale: {cfg.guidance}, Seed: {seed}, "
+            f"Size: {width}x{height}, Model: {cfg.model}")
+    if reference:
+        line += f", Style reference: {Path(reference['image']).name}, Style strength: {reference['strength']}"
+    lines.append(line)
     return "\n".join(lines)
+
+
+def load_style_reference(cfg: GenerateConfig):
+    """The style reference image of `cfg` (None without one); a bad path is one clear sentence."""
+    if not cfg.style_ref:
+        return None
+    from dcustom.pipelines.images import read_image
+
+    return read_image(cfg.style_ref, "style reference image (style_ref)")
+
+
+def file_sha256(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _next_index(folder: Path) -> int:
@@ -89,26 +106,47 @@ def run_pipeline(pipe, cfg: GenerateConfig, seeds: list[int], on_step: Optional[
         return pipe(**kwargs).images
 
 
-def generate(cfg: GenerateConfig, pipe=None, on_step: Optional[Callable[[int, int], None]] = None) -> list[Path]:
-    """Generate `cfg.count` images and write them as PNGs with their parameters; returns the paths."""
+def generate(cfg: GenerateConfig, pipe=None, on_step: Optional[Callable[[int, int], None]] = None,
+             cache=None) -> list[Path]:
+    """Generate `cfg.count` images and write them as PNGs with their parameters; returns the paths.
+
+    With `cfg.style_ref` the images attend to the reference while they are sampled
+    (`generate_with_style_reference`); `cache` (an InversionCache) keeps its inversion for later calls.
+    """
     from dcustom.models import load_pipeline
 
+    style = load_style_reference(cfg)  # before the (slow) model load
     if pipe is None:
         pipe = load_pipeline(cfg.model, dtype=cfg.dtype, device=cfg.device, config=cfg.model_config)
-    set_scheduler(pipe, cfg.scheduler)
+    if style is None:
+        set_scheduler(pipe, cfg.scheduler)
     if cfg.adapters or getattr(pipe, "_dcustom_adapter_specs", None):
         from dcustom.adapters.load import apply_adapters
 
         apply_adapters(pipe, cfg.adapters)
     base_seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31 - cfg.count)
     seeds = [base_seed + i for i in range(cfg.count)]
-    images = run_pipeline(pipe, cfg, seeds, on_step=on_step)
+    reference = None
+    if style is None:
+        images = run_pipeline(pipe, cfg, seeds, on_step=on_step)
+    else:
+        from dcustom.pipelines.style_aligned import generate_with_style_reference
+
+        result = generate_with_style_reference(
+            pipe, cfg.prompt, style, seeds=seeds, steps=cfg.steps, guidance=cfg.guidance,
+            negative_prompt=cfg.negative_prompt, strength=cfg.style_strength, layers=cfg.style_layers,
+            height=cfg.height, width=cfg.width, cache=cache, on_step=on_step)
+        images = result.images
+        reference = {"image": str(cfg.style_ref), "sha256": file_sha256(cfg.style_ref), **result.settings}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     index = _next_index(out)
     paths = []
     for i, (image, seed) in enumerate(zip(images, seeds)):
         params = {**{k: v for k, v in vars(cfg).items()}, "seed": seed, "width": image.width, "height": image.height}
-        text = {"parameters": a1111_parameters(cfg, seed, image.width, image.height), "dcustom": json.dumps(params)}
+        if reference is not None:
+            params["style_reference"] = reference
+        text = {"parameters": a1111_parameters(cfg, seed, image.width, image.height, reference),
+                "dcustom": json.dumps(params)}
         paths.append(save_png(image, out / f"{index + i:05d}-{seed}.png", text))
     return paths

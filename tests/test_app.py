@@ -21,9 +21,9 @@ TRAIN_ARGS = dict(method="lora", model="tiny:sd15", trigger="sks", class_word="t
 
 
 def gen_args(model="tiny:sd15", prompt="a red circle", steps=2, seed=7, count=2, width=0, height=0, adapters=NO_ADAPTERS,
-             reference=None, reference_method="style_injection"):
+             reference=None, strength=1.0):
     return [model, prompt, "", steps, 5.0, seed, False, count, width, height, "default", *adapters, reference,
-            reference_method]
+            strength]
 
 
 def train_args(**changes):
@@ -307,19 +307,34 @@ def test_stylize_a_pair(app):
 
 
 def test_generate_with_a_style_reference(app):
-    _, client, inputs = app
+    """The reference acts during sampling: DDIM inversion (cached across calls) + shared attention."""
+    state, client, inputs = app
     reference = write_images(inputs / "reference", n=1)[0]
     plain, _ = client.predict(*gen_args(seed=3, count=1, steps=3), api_name="/generate")
-    styled, info = client.predict(*gen_args(seed=3, count=1, steps=3, reference=handle_file(str(reference))),
-                                  api_name="/generate")
+    styled, info = client.predict(*gen_args(seed=3, count=1, steps=3, reference=handle_file(str(reference)),
+                                            strength=0.7), api_name="/generate")
     params = json.loads(info)
-    assert params["method"] == "style_injection" and params["style"].endswith(".png")
-    assert "style_injection" in styled[0]["caption"]
+    used = params["style_reference"]
+    assert params["method"] == "generate" and params["style_strength"] == 0.7
+    assert used["strength"] == 0.7 and used["attended_steps"] == 3 and used["inversion"]["cache_hit"] is False
+    kept = Path(params["style_ref"])  # a lasting copy inside the data folder, named in the metadata
+    assert kept.parent == state.paths.uploads / "style-refs" and kept.read_bytes() == reference.read_bytes()
+    assert "style ref 0.7" in styled[0]["caption"]
     import numpy as np
     from PIL import Image
 
     a, b = (np.asarray(Image.open(g[0]["image"]), dtype=np.int16) for g in (plain, styled))
     assert np.abs(a - b).max() > 0
+    _, info = client.predict(*gen_args(seed=4, count=1, steps=3, reference=handle_file(str(reference)), strength=0.3),
+                             api_name="/generate")
+    assert json.loads(info)["style_reference"]["inversion"]["cache_hit"] is True  # inverted once per model
+    with pytest.raises(Exception, match="Value 1.5 is greater than maximum value 1"):  # Gradio's own bound check
+        client.predict(*gen_args(count=1, steps=2, reference=handle_file(str(reference)), strength=1.5),
+                       api_name="/generate")
+    from dcustom.errors import DcustomError
+
+    with pytest.raises(DcustomError, match="style strength: 1.5 is out of range; accepted: 0.0 to 1.0"):
+        state.generate(model="tiny:sd15", prompt="a cat", style_ref=str(reference), style_strength=1.5)
 
 
 def test_publish_copies_files_and_peft_folders_atomically(tmp_path):

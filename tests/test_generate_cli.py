@@ -50,3 +50,40 @@ def test_generate_bad_inputs_have_clear_messages(cli, tmp_path):
     assert code == 2 and "width must be a positive multiple of 8, got 50" in err
     code, _, err = cli("generate", "--model", "nonsense", "-o", tmp_path)
     assert code == 2 and "model spec 'nonsense' is not recognised; accepted:" in err
+
+
+def test_generate_with_a_style_reference(cli, tmp_path):
+    """--style-ref makes the images attend to the reference while sampled; the PNG says so and with what."""
+    reference = tmp_path / "style.png"
+    Image.fromarray((np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8")).save(reference)
+    args = ["generate", "--model", "tiny:sd15", "-p", "a cat", "--steps", "3", "--seed", "4", "--scheduler", "ddim"]
+    code, plain, err = cli(*args, "-o", tmp_path / "plain")
+    assert code == 0, err
+    code, styled, err = cli(*args, "--style-ref", reference, "--style-strength", "0.5", "-o", tmp_path / "styled")
+    assert code == 0, err
+    image = Image.open(styled.strip())
+    params = json.loads(image.text["dcustom"])
+    assert params["style_ref"] == str(reference) and params["style_strength"] == 0.5
+    used = params["style_reference"]
+    assert used["strength"] == 0.5 and used["attended_steps"] == 2 and used["sampler"] == "ddim"
+    assert used["sha256"] and "shared attention" in used["method"]
+    assert "Style reference: style.png, Style strength: 0.5" in image.text["parameters"]
+    assert np.abs(_pixels(plain.strip()) - _pixels(styled.strip())).max() > 0
+
+    code, zero, err = cli(*args, "--style-ref", reference, "--style-strength", "0", "-o", tmp_path / "zero")
+    assert code == 0, err
+    assert np.array_equal(_pixels(plain.strip()), _pixels(zero.strip())), "strength 0 must be plain DDIM sampling"
+
+
+def test_generate_style_reference_bad_inputs(cli, tmp_path):
+    code, _, err = cli("generate", "--model", "tiny:sd15", "--style-ref", tmp_path / "missing.png", "-o", tmp_path)
+    assert code == 2 and f"style reference image (style_ref) file '{tmp_path / 'missing.png'}' does not exist." in err
+    assert "loading" not in err  # refused before the model loads
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not a picture")
+    code, _, err = cli("generate", "--model", "tiny:sd15", "--style-ref", not_image, "-o", tmp_path)
+    assert code == 2 and "could not be read as an image" in err
+    code, _, err = cli("generate", "--style-ref", not_image, "--style-strength", "2")
+    assert code == 2 and "style_strength must be between 0 and 1, got 2.0" in err
+    code, _, err = cli("generate", "--style-ref", not_image, "--scheduler", "euler")
+    assert code == 2 and "scheduler 'euler' cannot be used with a style reference" in err

@@ -82,9 +82,13 @@ class AppState:
     # -- generation ----------------------------------------------------------------------------
     def generate(self, *, model: str, prompt: str, negative_prompt: str = "", steps: int = 20, guidance: float = 7.5,
                  seed: Optional[int] = None, width: Optional[int] = None, height: Optional[int] = None, count: int = 1,
-                 scheduler: str = "default", adapters: Optional[list] = None,
-                 on_step: Optional[Callable[[int, int], None]] = None) -> list[Path]:
-        """Generate PNGs (parameters in their text chunks) into <data>/outputs; returns their paths."""
+                 scheduler: str = "default", adapters: Optional[list] = None, style_ref: Optional[str] = None,
+                 style_strength: float = 1.0, on_step: Optional[Callable[[int, int], None]] = None) -> list[Path]:
+        """Generate PNGs (parameters in their text chunks) into <data>/outputs; returns their paths.
+
+        With `style_ref` (an image file, already checked) the images attend to it while they are
+        sampled; a copy is kept in <data>/uploads/style-refs so the PNG metadata names a lasting file.
+        """
         from dcustom.config import from_dict
         from dcustom.generate import generate
         from dcustom.generate_config import GenerateConfig
@@ -107,12 +111,32 @@ class AppState:
 
         # generate() puts exactly these adapters on the pipeline (and takes earlier ones off).
         values["adapters"] = [f"{adapter_folder(self.paths, name)}:{float(weight)}" for name, weight in adapters or []]
+        if style_ref:
+            check_range("style strength", style_strength, 0.0, 1.0)
+            values["style_ref"] = str(self.keep_style_reference(style_ref))
+            values["style_strength"] = float(style_strength)
         try:
             cfg = from_dict(GenerateConfig, values)
         except ValueError as exc:
             raise DcustomError(str(exc)) from None
         with self.gpu:
-            return generate(cfg, pipe=self.pipeline(model), on_step=on_step)
+            pipe = self.pipeline(model)
+            return generate(cfg, pipe=pipe, on_step=on_step, cache=self.inversion_cache(self._pipe_key))
+
+    def keep_style_reference(self, path: str | Path) -> Path:
+        """A copy of an uploaded style reference under <data>/uploads/style-refs, named by its content."""
+        import hashlib
+        import shutil
+
+        source = Path(path)
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+        target = self.paths.uploads / "style-refs" / f"{digest}{source.suffix.lower() or '.png'}"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name("." + target.name + ".tmp")
+            shutil.copyfile(source, tmp)
+            tmp.replace(target)
+        return target
 
 
 def check_range(name: str, value, low, high) -> None:

@@ -7,7 +7,7 @@ import json
 import gradio as gr
 
 from dcustom.app.errors import shown_in_ui
-from dcustom.app.service import MAX_COUNT, MAX_SIDE, MAX_STEPS, AppState, read_png_parameters, style_methods, stylize_files
+from dcustom.app.service import MAX_COUNT, MAX_SIDE, MAX_STEPS, AppState, read_png_parameters
 from dcustom.app.uploads import check_image_file
 from dcustom.generate_config import SCHEDULERS
 
@@ -47,9 +47,12 @@ def build(state: AppState) -> dict:
             with gr.Accordion("Style reference (training-free, optional)", open=False, elem_id="gen_style_box"):
                 style_ref = gr.Image(label="Style image", type="filepath", sources=["upload", "clipboard"], height=160,
                                      elem_id="gen_style_ref")
-                methods = style_methods()
-                style_method = gr.Dropdown(methods, value=methods[0] if methods else None,
-                                           label="Each generated image is restyled with", elem_id="gen_style_method")
+                style_strength = gr.Slider(0, 1, value=1.0, step=0.05, elem_id="gen_style_strength",
+                                           label="Style strength (fraction of the steps that attend to the reference)")
+                gr.Markdown("The images attend to the reference *while they are sampled* (shared self-attention "
+                            "with the reference's DDIM inversion, as in StyleAligned; sampling uses DDIM). To restyle "
+                            "a finished image instead, select it and use *Send selected image to the Style tab*.",
+                            elem_id="gen_style_help")
         with gr.Column(scale=6):
             gallery = gr.Gallery(label="Images", columns=2, height=520, format="png", elem_id="gen_gallery")
             to_style = gr.Button("Send selected image to the Style tab", interactive=False, elem_id="gen_to_style")
@@ -60,27 +63,27 @@ def build(state: AppState) -> dict:
     @shown_in_ui
     def on_generate(model, prompt, negative, steps, guidance, seed, random_seed, count, width, height, scheduler,
                     *slot_values, progress=gr.Progress()):
-        *slot_values, reference, reference_method = slot_values
+        *slot_values, reference, strength = slot_values
         adapters = adapter_choices(slot_values)
         if reference:
             check_image_file(reference, state.limits, "style image")
         progress(0, desc="Loading model")
+        desc = "Inverting the style reference, then denoising" if reference else "Denoising"
 
         def on_step(done, total):
-            progress((done, total), desc="Denoising", unit="steps")
+            progress((done, total), desc=desc, unit="steps")
 
         paths = state.generate(model=model, prompt=prompt, negative_prompt=negative, steps=int(steps),
                                guidance=float(guidance), seed=None if random_seed else int(seed or 0),
                                width=int(width) or None, height=int(height) or None, count=int(count),
-                               scheduler=scheduler, adapters=adapters, on_step=on_step)
-        if reference:
-            paths = [restyle(state, p, reference, reference_method, model, int(steps), progress) for p in paths]
+                               scheduler=scheduler, adapters=adapters, style_ref=reference or None,
+                               style_strength=float(strength), on_step=on_step)
         items = [(str(p), caption_of(p)) for p in paths]
         first = read_png_parameters(paths[0])
         return items, json.dumps(first, indent=1), str(paths[0]), gr.update(interactive=True)
 
     run.click(on_generate, [model, prompt, negative, steps, guidance, seed, random_seed, count, width, height,
-                            scheduler, *slots, style_ref, style_method], [gallery, info, selected, to_style],
+                            scheduler, *slots, style_ref, style_strength], [gallery, info, selected, to_style],
               api_name="generate", **GPU)
 
     def on_select(evt: gr.SelectData):
@@ -101,20 +104,6 @@ def build(state: AppState) -> dict:
             "to_style": to_style, "gallery": gallery}
 
 
-def restyle(state: AppState, image, reference, method: str, model: str, steps: int, progress):
-    """The generated image as content, the reference as style, the method's own γ/temperature defaults."""
-    from dcustom.registry import get_method
-
-    defaults = get_method(method, kind="style").config_class()()
-
-    def on_step(done, total):
-        progress((done, total), desc="Applying the style reference", unit="steps")
-
-    result, _grid = stylize_files(state, method=method, model=model, content=str(image), style=reference, steps=steps,
-                                  gamma=defaults.gamma, temperature=defaults.temperature, on_step=on_step)
-    return result
-
-
 def adapter_choices(slot_values) -> list[tuple[str, float]]:
     """(name, weight) for each filled, enabled slot, in slot order."""
     out = []
@@ -133,6 +122,8 @@ def state_adapter_names(state: AppState) -> list[str]:
 
 def caption_of(path) -> str:
     p = read_png_parameters(path)
-    if p.get("method") != "generate":  # a restyled image carries its style settings
-        return f"{p.get('method')} · γ {p.get('gamma')} · T {p.get('temperature')}"
-    return f"seed {p.get('seed')} · {p.get('steps')} steps · cfg {p.get('guidance')}"
+    caption = f"seed {p.get('seed')} · {p.get('steps')} steps · cfg {p.get('guidance')}"
+    reference = p.get("style_reference")
+    if reference:
+        caption += f" · style ref {reference.get('strength')}"
+    return caption
