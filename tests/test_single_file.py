@@ -139,3 +139,40 @@ def test_single_file_export_refuses_other_pipelines(tmp_path):
     assert str(err.value) == ("single-file export supports SD1.x, SD2.x and SDXL pipelines; this one is a DDPMPipeline: "
                               "save it as a diffusers folder with pipe.save_pretrained instead.")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_real_size_architectures_give_the_key_counts_of_the_released_checkpoints():
+    """SD2.1 / SDXL-base shapes on the meta device (no memory): 686 and 1680 UNet keys, 248 VAE keys,
+    196 + position_ids CLIP-L keys, as in the released files; diffusers' reader maps ours back."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dcustom.single_file import unet_to_ldm, vae_to_ldm
+    from dcustom.single_file.text import hf_clip_to_ldm, open_clip_to_ldm
+
+    with init_empty_weights():
+        sd2 = UNet2DConditionModel(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+        sdxl = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, addition_embed_type="text_time",
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, use_linear_projection=True)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2)
+        vit_h = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                                             num_hidden_layers=23, hidden_act="gelu"))
+        clip_l = CLIPTextModel(CLIPTextConfig())
+    for unet, count in ((sd2, 686), (sdxl, 1680)):
+        ldm = unet_to_ldm(unet.state_dict(), unet.config)
+        assert len(ldm) == count
+        assert set(convert_ldm_unet_checkpoint(ldm, dict(unet.config))) == set(unet.state_dict())
+    ldm = unet_to_ldm(sdxl.state_dict(), sdxl.config)
+    assert ldm["model.diffusion_model.input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight"].shape == (1280, 2048)
+    assert ldm["model.diffusion_model.output_blocks.2.2.conv.weight"].shape == (1280, 1280, 3, 3)
+    ldm = vae_to_ldm(vae.state_dict(), 4)
+    assert len(ldm) == 248 and set(convert_ldm_vae_checkpoint(ldm, dict(vae.config))) == set(vae.state_dict())
+    assert len(hf_clip_to_ldm(clip_l, "cond_stage_model.transformer.")) == 197
+    text = open_clip_to_ldm(vit_h, "cond_stage_model.model.", append_identity_block=True)
+    assert {int(k.split(".")[4]) for k in text if ".resblocks." in k} == set(range(24))  # ViT-H has 24 blocks

@@ -26,8 +26,16 @@ def _text_model_state(encoder) -> dict:
 
 
 def hf_clip_to_ldm(encoder, prefix: str) -> dict:
-    """A transformers CLIPTextModel as `<prefix>text_model.*` (the projection, if any, is not part of it)."""
-    return {f"{prefix}text_model.{k}": v for k, v in _text_model_state(encoder).items() if k != "text_projection.weight"}
+    """A transformers CLIPTextModel as `<prefix>text_model.*` (the projection, if any, is not part of it).
+
+    Original checkpoints also carry `embeddings.position_ids` (0..76), a buffer transformers 5 no
+    longer saves; we write it so strict loaders find every key they expect."""
+    import torch
+
+    out = {f"{prefix}text_model.{k}": v for k, v in _text_model_state(encoder).items() if k != "text_projection.weight"}
+    positions = encoder.config.max_position_embeddings
+    out[f"{prefix}text_model.embeddings.position_ids"] = torch.arange(positions, dtype=torch.int64)[None]
+    return out
 
 
 def open_clip_to_ldm(encoder, prefix: str, append_identity_block: bool = False) -> dict:
