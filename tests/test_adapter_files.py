@@ -92,3 +92,76 @@ def test_generate_with_adapter_option(cli, runs, tmp_path):
                          "--height", "32", "-o", tmp_path, "--adapter", f"{root / 'lora'}:0.8", "--device", "cpu")
     assert code == 0, err
     assert len(list(tmp_path.glob("*.png"))) == 1
+
+
+# --- DoRA in kohya/A1111 form --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dora_run(runs):
+    root = runs[0]
+    data = DataConfig(images=str(root / "imgs"), instance_prompt=PROMPT, resolution=32)
+    result = train(LoraTrainConfig(model="tiny:sd15", data=data, rank=4, alpha=2.0, dora=True, validation_prompts=[],
+                                   train=LoopConfig(output_dir=str(root / "dora"), steps=1, lr=2e-2, device="cpu",
+                                                    checkpoint_every=0)), progress=False)
+    return root / "dora" / "pytorch_lora_weights.safetensors", result
+
+
+def test_kohya_dora_file_follows_the_dora_formula(cli, dora_run, tmp_path):
+    """Reference: W' = m * (W + s*B@A) / ||W + s*B@A||_row from the kohya file alone equals peft's merged weight."""
+    from safetensors.torch import load_file
+
+    from dcustom.adapters.files import kohya_module_name, merged_linear_weights
+
+    diffusers_file, _ = dora_run
+    code, _, err = cli("adapters", "convert", diffusers_file, "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    assert code == 0, err
+    tensors = load_file(str(tmp_path / "k.safetensors"))
+    pipe = load_pipeline("tiny:sd15", device="cpu")
+    name = load_adapter(pipe, diffusers_file)
+    merged = {kohya_module_name("lora_unet", m): pair for m, pair in merged_linear_weights(pipe.unet, name).items()}
+    assert merged and {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".dora_scale")} == set(merged)
+    worst, non_square = 0.0, 0
+    for module, (base, peft_weight) in merged.items():
+        down, up = tensors[f"{module}.lora_down.weight"], tensors[f"{module}.lora_up.weight"]
+        scale, magnitude = tensors[f"{module}.alpha"].item() / down.shape[0], tensors[f"{module}.dora_scale"]
+        assert magnitude.shape == (base.shape[0], 1)  # output axis, as LyCORIS (wd_on_out) and ComfyUI read it
+        direction = base + scale * up @ down
+        reference = magnitude * direction / direction.norm(dim=1, keepdim=True)
+        worst = max(worst, (reference - peft_weight).abs().max().item())
+        non_square += base.shape[0] != base.shape[1]
+    assert non_square > 0 and worst < 1e-5, worst
+
+
+def test_kohya_dora_loads_like_the_diffusers_file(cli, dora_run, tmp_path):
+    diffusers_file, _ = dora_run
+    cli("adapters", "convert", diffusers_file, "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    reference = with_adapter(diffusers_file)
+    base = render(load_pipeline("tiny:sd15", device="cpu"))
+    assert (reference - base).abs().max() > 1e-3
+    # diffusers itself drops dora_scale from kohya files and loads a plain LoRA: visibly different output
+    plain = load_pipeline("tiny:sd15", device="cpu")
+    plain.load_lora_weights(str(tmp_path), weight_name="k.safetensors")
+    assert not plain.unet.peft_config["default_0"].use_dora and (render(plain) - reference).abs().max() > 1e-4
+    # dcustom's loader keeps the magnitudes, and kohya -> diffusers conversion keeps them too
+    assert (with_adapter(tmp_path / "k.safetensors") - reference).abs().max() == 0
+    code, _, err = cli("adapters", "convert", tmp_path / "k.safetensors", "--to", "diffusers", "-o", tmp_path / "d.safetensors")
+    assert code == 0, err
+    assert (with_adapter(tmp_path / "d.safetensors") - reference).abs().max() == 0
+    code, out, _ = cli("adapters", "inspect", tmp_path / "k.safetensors")
+    assert code == 0 and "dora               48 modules, magnitude on the output axis" in out
+
+
+def test_input_axis_dora_scale_is_refused(dora_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dcustom.adapters.convert import diffusers_to_kohya
+    from dcustom.errors import DcustomError
+
+    diffusers_file, _ = dora_run
+    tensors = load_file(str(diffusers_to_kohya(diffusers_file, tmp_path / "k.safetensors")))
+    key = next(k for k in tensors if k.endswith(".dora_scale"))
+    tensors[key] = torch.ones(1, tensors[key.replace("dora_scale", "lora_down.weight")].shape[1])  # A1111's axis
+    save_file(tensors, str(tmp_path / "input_axis.safetensors"))
+    with pytest.raises(DcustomError, match=r"decomposes the input axis \(LyCORIS default, A1111\); peft DoRA needs the output axis"):
+        load_adapter(load_pipeline("tiny:sd15", device="cpu"), tmp_path / "input_axis.safetensors")

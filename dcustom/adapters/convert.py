@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from dcustom.adapters.files import KOHYA_TE_PREFIX, kohya_module_name, read_metadata, save_tensors
+from dcustom.adapters.files import KOHYA_TE_PREFIX, dora_scale_from_magnitude, kohya_module_name, read_metadata, save_tensors
 from dcustom.adapters.load import load_adapter, parse_adapter_spec, resolve_adapter
 from dcustom.errors import DcustomError
 
@@ -31,26 +31,32 @@ def _alpha_lookup(meta: dict, component: str):
     return alpha_of
 
 
+def _module_and_part(rest: str):
+    """'<module>.lora.down.weight' -> (module, 'lora_down'); DoRA magnitude -> (module, 'dora_scale'); else (rest, None)."""
+    if rest.endswith(".lora_magnitude_vector"):
+        return rest[: -len(".lora_magnitude_vector")], "dora_scale"
+    for marker, part in _DOWN_UP:
+        if rest.endswith(marker):
+            return rest[: -len(marker)], part
+    return rest, None
+
+
 def diffusers_to_kohya(src: Path, dst: Path) -> Path:
     """diffusers LoRA file -> kohya keys with each module's true alpha (from the file's peft metadata)."""
     import torch
     from safetensors.torch import load_file
 
     meta = read_metadata(src)
-    if "lora_magnitude_vector" in " ".join(load_file(str(src)).keys()) or "dora_scale" in " ".join(load_file(str(src)).keys()):
-        raise DcustomError(f"convert: {str(src)!r} is a DoRA file; its kohya form is not supported, use the diffusers file.")
     tensors = load_file(str(src))
     family = meta.get("dcustom.family") or ("sdxl" if any(k.startswith("text_encoder_2.") for k in tensors) else "sd1")
     te_prefix = KOHYA_TE_PREFIX["sdxl" if family == "sdxl" else "sd"]
     out = {}
     for key, value in tensors.items():
         component, rest = key.split(".", 1)
-        for marker, part in _DOWN_UP:
-            if rest.endswith(marker):
-                module = rest[: -len(marker)]
-                break
-        else:
-            raise DcustomError(f"convert: key {key!r} of {str(src)!r} is not a LoRA down/up weight; accepted: a diffusers LoRA file.")
+        module, part = _module_and_part(rest)
+        if part is None:
+            raise DcustomError(f"convert: key {key!r} of {str(src)!r} is not a LoRA down/up weight or DoRA magnitude; "
+                               "accepted: a diffusers LoRA file.")
         if component == "unet":
             name = kohya_module_name("lora_unet", module)
         elif component in te_prefix:
@@ -58,6 +64,9 @@ def diffusers_to_kohya(src: Path, dst: Path) -> Path:
             name = kohya_module_name(te_prefix[component], path)
         else:
             raise DcustomError(f"convert: component {component!r} in {str(src)!r} has no kohya prefix; accepted: unet, text_encoder, text_encoder_2.")
+        if part == "dora_scale":  # DoRA: peft's magnitude goes on the output axis
+            out[f"{name}.dora_scale"] = dora_scale_from_magnitude(value)
+            continue
         out[f"{name}.{part}.weight"] = value
         if part == "lora_down":
             alpha = _alpha_lookup(meta, component)(module)
@@ -74,10 +83,12 @@ def kohya_to_diffusers(src: Path, dst: Path, family: str | None = None) -> Path:
     from safetensors.torch import load_file
 
     meta = read_metadata(src)
-    keys = list(load_file(str(src)).keys())
+    raw = load_file(str(src))
+    keys = list(raw)
     family = family or meta.get("dcustom.family") or ("sdxl" if any(k.startswith("lora_te2_") for k in keys) else "sd1")
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    state, alphas = cls.lora_state_dict(str(src))
+    with _quiet_diffusers():  # it warns that it drops dora_scale; the magnitudes are added back below
+        state, alphas = cls.lora_state_dict(str(src))
     alphas = alphas or {}
     for key in list(state):
         if key.endswith("up.weight"):
@@ -89,6 +100,8 @@ def kohya_to_diffusers(src: Path, dst: Path, family: str | None = None) -> Path:
     for key, value in state.items():
         component, rest = key.split(".", 1)
         groups.setdefault(component, {})[rest] = value
+    if any(k.endswith(".dora_scale") for k in raw):
+        groups = _with_dora_magnitudes(groups, raw, cls, str(src))
     kwargs = {f"{c}_lora_layers": sd for c, sd in groups.items()}
     with tempfile.TemporaryDirectory() as tmp:
         cls.save_lora_weights(tmp, **kwargs)
@@ -96,6 +109,66 @@ def kohya_to_diffusers(src: Path, dst: Path, family: str | None = None) -> Path:
         tensors, theirs = load_file(str(written)), read_metadata(written)
     keep = {k: v for k, v in meta.items() if k.startswith("dcustom.")}
     return save_tensors(tensors, dst, {**theirs, **keep, "dcustom.format": "diffusers"})
+
+
+def is_kohya_dora(path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    return any(k.endswith(".dora_scale") for k in keys) and any(k.startswith(("lora_unet_", "lora_te")) for k in keys)
+
+
+def _quiet_diffusers():
+    import contextlib
+
+    from diffusers.utils import logging as dlogging
+
+    @contextlib.contextmanager
+    def quiet():
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            dlogging.set_verbosity(level)
+
+    return quiet()
+
+
+def _peft_module_path(cls, kohya_name: str, raw: dict) -> tuple[str, str]:
+    """(component, peft module path) diffusers' own kohya reader gives one kohya module name."""
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    one = {f"{kohya_name}.lora_down.weight": raw[f"{kohya_name}.lora_down.weight"],
+           f"{kohya_name}.lora_up.weight": raw[f"{kohya_name}.lora_up.weight"]}
+    state, _ = cls.lora_state_dict(one)
+    down = next(k for k in state if ".down." in k or "lora_A" in k)
+    component, rest = down.split(".", 1)
+    to_peft = convert_unet_state_dict_to_peft if component == "unet" else convert_state_dict_to_peft
+    (peft_key,) = to_peft({rest: state[down]})
+    return component, peft_key[: -len(".lora_A.weight")]
+
+
+def _with_dora_magnitudes(groups: dict, raw: dict, cls, where: str) -> dict:
+    """diffusers drops `dora_scale` from kohya files (SD/SDXL loaders), so re-attach each magnitude as peft's
+    `lora_magnitude_vector`, in the same key form our own diffusers DoRA files have."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    from dcustom.adapters.files import magnitude_from_dora_scale
+
+    peft_groups = {c: (convert_unet_state_dict_to_peft if c == "unet" else convert_state_dict_to_peft)(dict(sd))
+                   for c, sd in groups.items()}
+    with _quiet_diffusers():
+        for key, scale in raw.items():
+            if not key.endswith(".dora_scale"):
+                continue
+            name = key[: -len(".dora_scale")]
+            if f"{name}.lora_down.weight" not in raw:
+                raise DcustomError(f"{where}: {key!r} has no {name}.lora_down.weight beside it; accepted: DoRA on LoRA modules.")
+            component, module = _peft_module_path(cls, name, raw)
+            peft_groups[component][f"{module}.lora_magnitude_vector"] = magnitude_from_dora_scale(scale, where)
+    return {c: convert_state_dict_to_diffusers(sd) for c, sd in peft_groups.items()}
 
 
 def convert_lora(src, to: str, dst) -> Path:

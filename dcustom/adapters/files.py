@@ -97,9 +97,32 @@ def peft_to_kohya(state: dict, prefix: str, alpha_of, text_model: bool = False) 
             out[f"{name}.{'lora_down' if '.lora_A.' in key else 'lora_up'}.{rest}"] = value
             if ".lora_A." in key:
                 out[f"{name}.alpha"] = torch.tensor(float(alpha_of(module)))
-        elif "lora_magnitude_vector" in key:
-            raise DcustomError("kohya export: DoRA magnitudes have no verified kohya form here; use the diffusers file.")
+        elif key.endswith(".lora_magnitude_vector"):
+            module = key[: -len(".lora_magnitude_vector")]
+            path = ("text_model." + module) if text_model and not module.startswith("text_model.") else module
+            out[f"{kohya_module_name(prefix, path)}.dora_scale"] = dora_scale_from_magnitude(value)
     return out
+
+
+def dora_scale_from_magnitude(magnitude):
+    """peft's DoRA magnitude -> kohya/LyCORIS `dora_scale` on the OUTPUT axis: [out, 1] (Linear), [out, 1, 1, 1] (Conv).
+
+    peft normalises each output row: W' = m * (W + s*B@A) / ||W + s*B@A||_row. LyCORIS (wd_on_out) and ComfyUI
+    recognise that axis by dora_scale.shape[0] == out_features; a flat [out] vector would broadcast wrongly there.
+    """
+    if magnitude.ndim == 1:  # Linear: [out]
+        return magnitude.reshape(-1, 1)
+    return magnitude.reshape(magnitude.numel(), *[1] * (magnitude.ndim - 1))  # Conv: [1, out, 1, 1]
+
+
+def magnitude_from_dora_scale(scale, where: str):
+    """Inverse of dora_scale_from_magnitude; refuses the input-axis form ([1, in]) peft cannot express."""
+    if scale.ndim == 1:
+        return scale  # diffusers' own convert_state_dict_to_kohya writes the flat peft vector
+    if all(d == 1 for d in scale.shape[1:]) and not (scale.shape[0] == 1 and scale.ndim == 2):
+        return scale.reshape(-1) if scale.ndim == 2 else scale.reshape(1, -1, *[1] * (scale.ndim - 2))
+    raise DcustomError(f"{where}: dora_scale of shape {list(scale.shape)} decomposes the input axis (LyCORIS default, "
+                       "A1111); peft DoRA needs the output axis ([out, 1]); accepted: output-axis DoRA files.")
 
 
 def lora_alpha_lookup(peft_config):

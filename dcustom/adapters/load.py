@@ -124,6 +124,22 @@ def _lora_names(pipe) -> list[str]:
 
 
 def _load_lora(pipe, file: Path, name: str) -> None:
+    from dcustom.adapters.convert import is_kohya_dora
+
+    if is_kohya_dora(file):
+        # diffusers' SD/SDXL readers drop `dora_scale` (a plain LoRA, wrong output): go through our diffusers form
+        import tempfile
+
+        from dcustom.adapters.convert import kohya_to_diffusers
+        from dcustom.models import family_of
+
+        with tempfile.TemporaryDirectory() as tmp:
+            converted = kohya_to_diffusers(file, Path(tmp) / DIFFUSERS_LORA_NAME, family=family_of(pipe).name)
+            return _load_lora_file(pipe, converted, name, shown=file)
+    _load_lora_file(pipe, file, name, shown=file)
+
+
+def _load_lora_file(pipe, file: Path, name: str, shown: Path) -> None:
     try:
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
     except DcustomError:
@@ -132,7 +148,7 @@ def _load_lora(pipe, file: Path, name: str) -> None:
         from dcustom.models import family_of
 
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise DcustomError(f"adapter {str(file)!r} does not fit this {family_of(pipe).label} pipeline ({first}); "
+        raise DcustomError(f"adapter {str(shown)!r} does not fit this {family_of(pipe).label} pipeline ({first}); "
                            "it was probably made for another model family.") from None
 
 
@@ -178,6 +194,12 @@ def adapter_summary(path) -> dict:
            "parameters": params, "method": meta.get("dcustom.method", "unknown"),
            "family": meta.get("dcustom.family", "unknown"), "base_model": meta.get("dcustom.base_model", "unknown"),
            "dcustom_version": meta.get("dcustom.version", "-")}
+    # DoRA: peft's magnitude is always per output; a kohya dora_scale is per output when shaped [out, 1(, 1, 1)]
+    dora = {k: s for k, s in shapes.items() if k.endswith((".dora_scale", ".lora_magnitude_vector"))}
+    if dora:
+        output_axis = all(k.endswith(".lora_magnitude_vector") or len(s) == 1 or (s[0] != 1 and all(d == 1 for d in s[1:]))
+                          for k, s in dora.items())
+        out["dora"] = f"{len(dora)} modules, magnitude on the {'output' if output_axis else 'input'} axis"
     ranks = sorted({s[0] for k, s in shapes.items() if k.endswith((".lora_down.weight", ".lora_A.weight"))})
     if ranks:
         out["ranks"] = ranks
