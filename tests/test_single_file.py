@@ -176,3 +176,13 @@ def test_real_size_architectures_give_the_key_counts_of_the_released_checkpoints
     assert len(hf_clip_to_ldm(clip_l, "cond_stage_model.transformer.")) == 197
     text = open_clip_to_ldm(vit_h, "cond_stage_model.model.", append_identity_block=True)
     assert {int(k.split(".")[4]) for k in text if ".resblocks." in k} == set(range(24))  # ViT-H has 24 blocks
+
+
+def test_single_file_export_refuses_unmerged_adapters(tmp_path):
+    from peft import LoraConfig
+
+    pipe = load_pipeline("tiny:sd15")
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+    with pytest.raises(DcustomError, match=r"the pipeline's unet has unmerged adapters \(peft layers\): merge them first"):
+        save_single_file(pipe, tmp_path / "x.safetensors")
+    assert list(tmp_path.iterdir()) == []

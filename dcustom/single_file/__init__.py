@@ -30,6 +30,7 @@ def single_file_state(pipe) -> dict:
             f"single-file export supports SD1.x, SD2.x and SDXL pipelines; this one is a {type(pipe).__name__}: "
             "save it as a diffusers folder with pipe.save_pretrained instead."
         )
+    _refuse_unmerged_adapters(pipe)
     family = family_of(pipe)
     text = {
         "sd1": lambda: hf_clip_to_ldm(pipe.text_encoder, "cond_stage_model.transformer."),
@@ -45,6 +46,17 @@ def single_file_state(pipe) -> dict:
     state.update(text[family.name]())
     state.update(_prediction_markers(pipe))
     return state
+
+
+def _refuse_unmerged_adapters(pipe) -> None:
+    """peft wraps adapted layers (`to_q.base_layer.weight` + `lora_A...`); their keys have no original name."""
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        if module is not None and any(".base_layer." in key for key in module.state_dict()):
+            raise DcustomError(
+                f"single-file export needs plain weights, but the pipeline's {name} has unmerged adapters (peft layers): "
+                "merge them first (dcustom adapters merge, or pipe.fuse_lora() then pipe.unload_lora_weights())."
+            )
 
 
 def _prediction_markers(pipe) -> dict:

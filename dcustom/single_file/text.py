@@ -15,6 +15,7 @@ from dcustom.errors import DcustomError
 
 OPEN_CLIP_BLOCK = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"}
 OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
                  "embeddings.position_embedding.weight": "positional_embedding",
                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
@@ -58,8 +59,8 @@ def open_clip_to_ldm(encoder, prefix: str, append_identity_block: bool = False) 
         elif key.startswith("encoder.layers."):
             _, _, n, rest = key.split(".", 3)
             module, _, kind = rest.rpartition(".")  # e.g. "self_attn.q_proj", "weight"
-            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-                qkv.setdefault((int(n), kind), {})[module[-6]] = value
+            if module in QKV:
+                qkv.setdefault((int(n), kind), {})[QKV[module]] = value
             elif module in OPEN_CLIP_BLOCK:
                 out[f"{prefix}transformer.resblocks.{n}.{OPEN_CLIP_BLOCK[module]}.{kind}"] = value
             else:
@@ -76,7 +77,7 @@ def open_clip_to_ldm(encoder, prefix: str, append_identity_block: bool = False) 
         out[prefix + "text_projection"] = torch.eye(width, dtype=like.dtype, device=like.device)
     if append_identity_block:
         n = encoder.config.num_hidden_layers
-        block = {k.split(f"resblocks.0.", 1)[1]: v for k, v in out.items() if ".resblocks.0." in k}
+        block = {k.split(".resblocks.0.", 1)[1]: v for k, v in out.items() if ".resblocks.0." in k}
         for name, value in block.items():
             out[f"{prefix}transformer.resblocks.{n}.{name}"] = torch.zeros_like(value)
     return out
