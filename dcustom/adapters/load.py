@@ -134,7 +134,11 @@ def _load_lora(pipe, file: Path, name: str) -> None:
         from dcustom.models import family_of
 
         with tempfile.TemporaryDirectory() as tmp:
-            converted = kohya_to_diffusers(file, Path(tmp) / DIFFUSERS_LORA_NAME, family=family_of(pipe).name)
+            try:
+                converted = kohya_to_diffusers(file, Path(tmp) / DIFFUSERS_LORA_NAME, family=family_of(pipe).name)
+            except (ValueError, KeyError, RuntimeError, StopIteration) as exc:
+                raise DcustomError(f"adapter {str(file)!r}: its kohya DoRA keys do not convert for this "
+                                   f"{family_of(pipe).label} pipeline ({str(exc).strip()[:200] or type(exc).__name__}).") from None
             return _load_lora_file(pipe, converted, name, shown=file)
     _load_lora_file(pipe, file, name, shown=file)
 
