@@ -335,6 +335,8 @@ def test_generate_with_a_style_reference(app):
 
     with pytest.raises(DcustomError, match="style strength: 1.5 is out of range; accepted: 0.0 to 1.0"):
         state.generate(model="tiny:sd15", prompt="a cat", style_ref=str(reference), style_strength=1.5)
+    with pytest.raises(DcustomError, match="scheduler 'euler' cannot be used with a style reference"):
+        state.generate(model="tiny:sd15", prompt="a cat", style_ref=str(reference), scheduler="euler")
 
 
 def test_publish_copies_files_and_peft_folders_atomically(tmp_path):

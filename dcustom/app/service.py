@@ -125,11 +125,12 @@ class AppState:
 
     def keep_style_reference(self, path: str | Path) -> Path:
         """A copy of an uploaded style reference under <data>/uploads/style-refs, named by its content."""
-        import hashlib
         import shutil
 
+        from dcustom.generate import file_sha256
+
         source = Path(path)
-        digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+        digest = file_sha256(source)[:16]
         target = self.paths.uploads / "style-refs" / f"{digest}{source.suffix.lower() or '.png'}"
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
