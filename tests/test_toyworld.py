@@ -144,6 +144,28 @@ def test_train_base_resume_is_exact(tmp_path):
     assert [e["resumed"] for e in events if e["event"] == "start"] == [False, True, True]
 
 
+def test_train_base_time_budget_exports_a_partial_model_and_resumes_exactly(tmp_path):
+    import torch
+
+    from dcustom.toyworld.config import tiny_config
+    from dcustom.toyworld.train_base import run
+
+    straight = run(tiny_config(str(tmp_path / "a")), log=lambda m: None)
+    out_of_time = tiny_config(str(tmp_path / "b"), ["time_budget_minutes=1e-9"])
+    assert run(out_of_time, log=lambda m: None) == tmp_path / "b"  # budget gone before the UNet: checkpoint only
+    assert not (tmp_path / "b" / "model").exists()
+    run(tiny_config(str(tmp_path / "b")), stop_after=5, log=lambda m: None)  # one UNet step done
+    partial = run(out_of_time, log=lambda m: None)  # inside the UNet stage: measured and exported
+    events = [json.loads(line) for line in (tmp_path / "b" / "events.jsonl").read_text().splitlines()]
+    ends = [e for e in events if e["event"] == "end"]
+    assert partial == tmp_path / "b" / "model" and ends[-1]["partial"] and ends[-1]["unet_step"] == 1
+    curve = json.loads((tmp_path / "b" / "learning_curve.json").read_text())
+    assert curve[-1]["step"] == 1 and curve[-1]["minutes"] > 0
+    resumed = run(tiny_config(str(tmp_path / "b")), log=lambda m: None)
+    a, b = _tensors(straight), _tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_train_base_weights_change_and_text_encoder_freezes(tmp_path):
     import torch
 

@@ -89,6 +89,10 @@ class ToyBaseConfig:
     checkpoint_every: int = opt(2000, "Save a resumable checkpoint every N optimizer steps (all stages counted).")
     keep_checkpoints: int = opt(2, "Checkpoints kept (older ones are deleted).")
     resume: bool = opt(True, "Continue from the newest checkpoint in output_dir if there is one.")
+    time_budget_minutes: float = opt(0.0, "Wall-clock cap for this invocation (0 = none). When it runs out the run "
+                                          "checkpoints; inside the UNet stage it also measures and exports the "
+                                          "current EMA model (marked partial), so a lease that ends early still "
+                                          "leaves a model. Run the same command again to continue.")
     install: bool = opt(False, "Copy the final model into the package as builtin:toy (refused unless shape accuracy "
                               "reaches install_min_shape_accuracy).")
     install_min_shape_accuracy: float = opt(0.8, "Minimum final J_eval shape accuracy for install.")

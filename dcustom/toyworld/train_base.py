@@ -171,6 +171,7 @@ class Run:
         self.stage, self.step, self.global_step = "text", 0, 0
         self.curve: list[dict] = []
         self.optimizer = self.lr_sched = None
+        self.seconds_before, self.started = 0.0, time.time()  # wall time of earlier invocations + this one
         self.latents = None
 
     # ------------------------------------------------------------ data
@@ -312,7 +313,7 @@ class Run:
             torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_sched.state_dict()},
                        tmp / "optimizer.pt")
         state = {"stage": self.stage, "step": self.step, "global_step": self.global_step, "curve": self.curve,
-                 "scaling_factor": self.vae.config.scaling_factor}
+                 "scaling_factor": self.vae.config.scaling_factor, "train_seconds": round(self.elapsed_seconds(), 1)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -335,6 +336,7 @@ class Run:
         self.vae.register_to_config(scaling_factor=state["scaling_factor"])
         self.stage, self.step, self.global_step = state["stage"], state["step"], state["global_step"]
         self.curve = state["curve"]
+        self.seconds_before, self.started = state.get("train_seconds", 0.0), time.time()
         self.stage_setup(self.stage)
         if (path / "ema_unet.safetensors").is_file():
             load_state(self.ema, path / "ema_unet.safetensors")
@@ -343,6 +345,10 @@ class Run:
             self.optimizer.load_state_dict(opt["optimizer"])
             self.lr_sched.load_state_dict(opt["lr_scheduler"])
         self.log(f"resumed from {path} (stage {self.stage}, step {self.step})")
+
+    def elapsed_seconds(self) -> float:
+        """Wall time spent on this run so far, all stages and all invocations (resumes) together."""
+        return self.seconds_before + time.time() - self.started
 
     def event(self, payload: dict):
         payload = {"time": round(time.time(), 3), **payload}
@@ -372,7 +378,8 @@ class Run:
             images = generate_images(pipe, prompts, [0], c.sampling_steps, c.guidance, batch_size=64)
         report = judge_generated(images, prompts, [0], load_judge(c.judge))
         point = {"step": self.step, "loss": loss, **{k: round(v, 4) for k, v in report["accuracy"].items()},
-                 "toy_fid": round(report["toy_fid"], 3), "seconds": round(time.time() - t0, 1)}
+                 "toy_fid": round(report["toy_fid"], 3), "seconds": round(time.time() - t0, 1),
+                 "minutes": round(self.elapsed_seconds() / 60, 2)}
         self.curve.append(point)
         self.event({"event": "curve", **point})
         self.log("curve " + json.dumps(point))
@@ -390,7 +397,8 @@ class Run:
 
 
 def plot_curve(curve: list[dict], path: Path):
-    """Per-attribute J_eval accuracy vs UNet step (matplotlib, imported lazily; skipped if absent)."""
+    """Per-attribute J_eval accuracy vs UNet step and vs wall-clock minutes (matplotlib, imported lazily;
+    skipped if absent)."""
     try:
         import matplotlib
 
@@ -400,19 +408,23 @@ def plot_curve(curve: list[dict], path: Path):
         return None
     if not curve:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    steps = [p["step"] for p in curve]
+    axes_x = [("step", "UNet step")]
+    if all("minutes" in p for p in curve):  # older curves have no wall time
+        axes_x.append(("minutes", "minutes since the run started (all stages)"))
+    fig, axes = plt.subplots(1, len(axes_x), figsize=(6 * len(axes_x), 4), dpi=100, squeeze=False)
     chance = {"shape": 1 / len(SHAPES), "colour": 1 / len(COLOURS), "background": 1 / len(BACKGROUNDS)}
-    for key, colour in (("background", "tab:gray"), ("colour", "tab:red"), ("shape", "tab:blue"), ("prompt", "k")):
-        if key in curve[0]:
-            ax.plot(steps, [p[key] for p in curve], marker="o", color=colour, label=key)
-        if key in chance:
-            ax.axhline(chance[key], color=colour, ls=":", lw=0.8)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("UNet step")
-    ax.set_ylabel("J_eval accuracy on held-out prompts")
-    ax.legend(loc="upper left")
-    ax.grid(alpha=0.3)
+    for ax, (x_key, x_label) in zip(axes[0], axes_x):
+        xs = [p[x_key] for p in curve]
+        for key, colour in (("background", "tab:gray"), ("colour", "tab:red"), ("shape", "tab:blue"), ("prompt", "k")):
+            if key in curve[0]:
+                ax.plot(xs, [p[key] for p in curve], marker="o", color=colour, label=key)
+            if key in chance:
+                ax.axhline(chance[key], color=colour, ls=":", lw=0.8)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("J_eval accuracy on held-out prompts")
+        ax.legend(loc="upper left")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path.with_name("." + path.name + ".tmp.png")
     fig.savefig(tmp)
@@ -434,6 +446,7 @@ def run(cfg: ToyBaseConfig, stop_after: int | None = None, log=print, on_step=No
 
 
 def _run(cfg: ToyBaseConfig, stop_after, log, on_step) -> Path:
+    deadline = time.time() + cfg.time_budget_minutes * 60 if cfg.time_budget_minutes > 0 else None
     run_ = Run(cfg, log=log, on_step=on_step)
     resumed = False
     if cfg.resume and run_.latest_checkpoint() is not None:
@@ -465,6 +478,8 @@ def _run(cfg: ToyBaseConfig, stop_after, log, on_step) -> Path:
                 run_.checkpoint()
                 log(f"stopped after {run_.global_step} steps (checkpoint saved)")
                 return run_.dir
+            if deadline is not None and time.time() >= deadline:
+                return out_of_time(run_, stage, round(loss_avg, 5) if loss_avg is not None else None)
             gen = step_generator(cfg.seed, stage, run_.step, run_.device)
             loss = step_fn(gen)
             run_.optimizer.zero_grad(set_to_none=True)
@@ -502,7 +517,20 @@ def _unwrap(module):
     return getattr(module, "_orig_mod", module)
 
 
-def finish(run_: Run) -> Path:
+def out_of_time(run_: Run, stage: str, loss: float | None) -> Path:
+    """The time budget ran out: keep everything resumable; inside the UNet stage also export the
+    current EMA model (measured first, so its curve point is the one install checks)."""
+    run_.log(f"time budget of {run_.cfg.time_budget_minutes} min used up at {stage} step {run_.step}")
+    run_.event({"event": "budget", "stage": stage, "step": run_.step})
+    if stage != "unet" or run_.step == 0:
+        run_.checkpoint()
+        return run_.dir
+    if not run_.curve or run_.curve[-1]["step"] != run_.step:
+        run_.measure(loss)
+    return finish(run_, partial=True)
+
+
+def finish(run_: Run, partial: bool = False) -> Path:
     from dcustom.models import toy_model_dir  # noqa: F401  (documents where install writes)
     from dcustom.toyworld.model import save_model_folder
 
@@ -511,8 +539,8 @@ def finish(run_: Run) -> Path:
     pipe = run_.pipeline(use_ema=True)  # export the EMA weights; the checkpoint keeps both, so a run can be extended
     out = save_model_folder(pipe, run_.dir / "model")
     run_.checkpoint()
-    run_.event({"event": "end", "model": str(out)})
-    run_.log(f"model written to {out}")
+    run_.event({"event": "end", "model": str(out), "partial": partial, "unet_step": run_.step})
+    run_.log(f"model written to {out}" + (f" (partial: UNet step {run_.step} of {cfg.unet.steps})" if partial else ""))
     if cfg.install:
         install(run_.curve, out, cfg.install_min_shape_accuracy, run_.log)
     return out
