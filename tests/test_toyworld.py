@@ -87,7 +87,7 @@ def test_model_folder_round_trips_through_from_pretrained(tmp_path):
 
     from dcustom.models import load_pipeline
     from dcustom.toyworld.config import tiny_config
-    from dcustom.toyworld.model import assemble_pipeline, build_components, folder_sizes, save_model_folder
+    from dcustom.toyworld.model import assemble_pipeline, build_components, save_model_folder
 
     cfg = tiny_config(str(tmp_path / "run"))
     pipe = assemble_pipeline(build_components(cfg.model, tmp_path / "work", seed=0))
@@ -223,3 +223,18 @@ def test_heads_cover_the_grammar():
     assert HEADS["shape"] == grammar.SHAPES and HEADS["subject"][0] == "none" and len(grammar.SUBJECTS) >= 3
     assert len(grammar.STYLES) >= 3 and len(grammar.HELDOUT_COMBOS) >= 3
     assert grammar.ERASURE_CONCEPT == ("colour", "purple")
+
+
+def test_cli_eval_base_bars_reports_every_bar_and_fails_when_one_does_not_hold(cli, tmp_path):
+    from dcustom.toyworld.bars import BARS, all_base_prompts, all_compositional_prompts
+
+    assert len(set(all_base_prompts())) == 192 and len(set(all_compositional_prompts())) == 24
+    code, out, _ = cli("eval", "base", "-m", "tiny:sd15", "--bars", "--seeds", "0", "--prompt",
+                       "a red circle on a white background", "--prompt", "a green circle on a white background",
+                       "-o", tmp_path)
+    assert code == 1, out  # a random tiny model holds no bar
+    assert "some bars do not hold" in out and "compositional_prompt" in out
+    saved = json.loads((tmp_path / "bars.json").read_text())
+    assert set(saved["figures"]) == set(BARS) and None not in saved["figures"].values()
+    assert saved["all_passed"] is False and saved["passed"]["vae_psnr_db"] is False
+    assert saved["images"] == 2 and saved["steps"] == 30 and saved["figures"]["cpu_seconds_4_images"] > 0

@@ -20,6 +20,9 @@ def base(
     output_dir: str = typer.Option("runs/eval_base", "--output-dir", "-o", help="Writes eval.json and grid.png here."),
     device: str = typer.Option("auto", "--device"),
     dtype: str = typer.Option("auto", "--dtype"),
+    bars: bool = typer.Option(False, "--bars", help="Check the bars builtin:toy must reach (every base prompt and "
+                              "held-out pair, or the --prompt list, x --seeds at the generate defaults, VAE PSNR, "
+                              "CPU time for 4 images); writes bars.json; exit code 1 if a bar does not hold."),
 ):
     """Prompt accuracy, per-attribute accuracy, toy-FID and diversity of a base model on held-out prompts."""
     from dcustom.errors import DcustomError
@@ -29,6 +32,9 @@ def base(
     except ValueError:
         typer.secho(f"error: --seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2,3.", fg="red", err=True)
         raise typer.Exit(2)
+    if bars:
+        _check_bars(model, seed_list, device, dtype, output_dir, list(prompt) or None)
+        return
     try:
         from dcustom.models import load_pipeline
         from dcustom.toyworld.evaluate import evaluate_pipeline, heldout_prompts
@@ -47,3 +53,25 @@ def base(
     typer.echo(f"toy-FID {report['toy_fid']:.3f}  diversity {report['diversity']:.4f} "
                f"(renders {report['reference_diversity']:.4f})")
     typer.echo(report["files"]["json"])
+
+
+def _check_bars(model: str, seeds: list[int], device: str, dtype: str, output_dir: str, prompts) -> None:
+    import json
+    from pathlib import Path
+
+    from dcustom.errors import DcustomError
+    from dcustom.toyworld.bars import format_bars, measure_bars
+
+    try:
+        result = measure_bars(model, seeds, device=device, dtype=dtype, out_dir=output_dir, prompts=prompts)
+    except DcustomError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2)
+    out = Path(output_dir) / "bars.json"
+    tmp = out.with_name(".bars.json.tmp")
+    tmp.write_text(json.dumps({k: v for k, v in result.items() if k != "report"}, indent=2))
+    tmp.replace(out)
+    typer.echo(format_bars(result))
+    typer.echo(str(out))
+    if not result["all_passed"]:
+        raise typer.Exit(1)

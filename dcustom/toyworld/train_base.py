@@ -552,6 +552,14 @@ def install(curve: list[dict], folder: Path, min_shape: float, log=print) -> Pat
     if shape < min_shape:
         raise DcustomError(f"install refused: final J_eval shape accuracy {shape:.2f} is below "
                            f"install_min_shape_accuracy {min_shape:.2f}; the model stays in {folder}.")
+    return install_folder(folder, log)
+
+
+def install_folder(folder: str | Path, log=print) -> Path:
+    """Copy a model folder into the package as builtin:toy (atomically: a temp copy, then rename)."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise DcustomError(f"install refused: {str(folder)!r} is not a toy-model folder (no model_index.json).")
     target = Path(__file__).resolve().parent / "weights" / "toy"
     tmp = target.with_name("toy.tmp")
     if tmp.exists():
