@@ -84,7 +84,8 @@ unpack)
     cp "$from"/learning_curve.* "$from"/bars.* "$dest.tmp/" 2>/dev/null || true
     rm -rf "$dest" && mv "$dest.tmp" "$dest"
     echo "model in $dest/model; checking the bars here (CPU) before installing it"
-    if dcustom_cli eval base -m "$dest/model" --bars -o "$dest/bars_cpu" --device cpu --dtype fp32; then
+    if dcustom_cli eval base -m "$dest/model" --bars -o "$dest/bars_cpu" --device cpu --dtype fp32 \
+            --seeds "${TOY_BARS_SEEDS:-0,1,2}" ${TOY_BARS_PROMPT:+--prompt "$TOY_BARS_PROMPT"}; then
         python3 -c "from dcustom.toyworld.train_base import install_folder; install_folder('$dest/model')"
     else
         echo "a bar does not hold (see above and $dest/bars_cpu/bars.json): not installed as builtin:toy"
