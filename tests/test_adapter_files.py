@@ -80,6 +80,16 @@ def test_merge_and_extract(cli, runs):
         expected = with_adapter(path, float(weight or 1.0))
         merged = load_pipeline(str(root / name), device="cpu")
         assert (render(merged) - expected).abs().max() < 1e-4, name
+    code, out, err = cli("adapters", "merge", "-m", "tiny:sd15", "-a", f"{root / 'lora'}:0.5", "-o", root / "m.safetensors")
+    assert code == 0, err  # one original-layout checkpoint, read back by diffusers' from_single_file
+    single = load_pipeline(str(root / "m.safetensors"), device="cpu", config=str(root / "m_lora"))
+    assert (render(single) - render(load_pipeline(str(root / "m_lora"), device="cpu"))).abs().max() == 0
+    from safetensors.torch import save_file
+
+    save_file({"<tok>": torch.randn(1, 32)}, str(root / "emb.safetensors"))
+    code, out, err = cli("adapters", "merge", "-m", "tiny:sd15", "-a", root / "emb.safetensors", "-o", root / "te.safetensors")
+    assert code != 0 and "a single-file checkpoint has no place for textual-inversion tokens" in err + out
+    assert not (root / "te.safetensors").exists()
     code, out, err = cli("adapters", "extract", "-m", "tiny:sd15", "-a", root / "oft", "-r", "64", "-o", root / "e.safetensors")
     assert code == 0, err
     assert "relative error of the weight deltas (Frobenius): 0.0000" in out  # rank 64 >= every layer width: exact

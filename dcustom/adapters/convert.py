@@ -186,7 +186,8 @@ def convert_lora(src, to: str, dst) -> Path:
 
 
 def merge_into_model(model: str, adapters: list[str], out_dir, dtype: str = "fp32") -> Path:
-    """Load `model`, apply 'path[:weight]' adapters, bake them into the weights and save a diffusers folder."""
+    """Load `model`, apply 'path[:weight]' adapters, bake them into the weights and save a diffusers
+    folder, or one original-layout checkpoint when `out_dir` ends in .safetensors (A1111/Forge/ComfyUI)."""
     from dcustom.models import load_pipeline
 
     pipe = load_pipeline(model, dtype=dtype, device="cpu")
@@ -196,6 +197,8 @@ def merge_into_model(model: str, adapters: list[str], out_dir, dtype: str = "fp3
     pipe.fuse_lora()  # merges every peft tuner layer (LoRA, OFT, BOFT) at the weights set above
     pipe.unload_lora_weights()  # removes the adapter modules, keeping the fused weights
     out = Path(out_dir)
+    if out.suffix == ".safetensors":
+        return _merged_single_file(pipe, out)
     tmp = out.with_name(out.name + ".tmp")
     pipe.save_pretrained(str(tmp))
     if out.exists():
@@ -203,6 +206,19 @@ def merge_into_model(model: str, adapters: list[str], out_dir, dtype: str = "fp3
 
         shutil.rmtree(out)
     tmp.rename(out)
+    return out
+
+
+def _merged_single_file(pipe, out: Path) -> Path:
+    from dcustom.single_file import save_single_file
+
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+    if any(len(t) > t.vocab_size for t in tokenizers):
+        raise DcustomError(f"--out {str(out)!r}: a single-file checkpoint has no place for textual-inversion tokens; "
+                           "merge the LoRA/OFT adapters into it and ship the embedding file beside it, or write a "
+                           "diffusers folder (an --out without .safetensors).")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_single_file(pipe, out)  # writes a temp file, then renames: a failed export leaves no partial file
     return out
 
 

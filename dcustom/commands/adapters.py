@@ -45,9 +45,9 @@ def convert(path: str = typer.Argument(..., help="A LoRA file or run folder."),
 @app.command()
 def merge(model: str = typer.Option(..., "--model", "-m", help="Base model spec."),
           adapter: List[str] = typer.Option(..., "--adapter", "-a", help="'path' or 'path:weight' (repeatable)."),
-          out: str = typer.Option(..., "--out", "-o", help="Output diffusers folder."),
+          out: str = typer.Option(..., "--out", "-o", help="Output diffusers folder, or a .safetensors file for one A1111/ComfyUI checkpoint."),
           dtype: str = typer.Option("fp32", "--dtype")):
-    """Bake adapters into the base weights and save a full diffusers model folder."""
+    """Bake adapters into the base weights and save a full model: a diffusers folder or one checkpoint file."""
     from dcustom.adapters.convert import merge_into_model
 
     try:
