@@ -27,6 +27,6 @@ def test_builtin_toy_draws_shape_colour_and_background():
     prompts = all_base_prompts()[::4]  # 48 prompts: every shape x colour pair, backgrounds rotating
     result = measure_bars("builtin:toy", seeds=(0,), device="cpu", dtype="fp32", prompts=prompts, cpu_timing=False)
     figures = result["figures"]
-    print({k: round(v, 3) for k, v in figures.items()})
+    print({k: None if v is None else round(v, 3) for k, v in figures.items()})
     for name in ("prompt", "shape", "colour", "background"):
         assert figures[name] >= BARS[name] - MARGIN, (name, figures)
