@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
-import numpy as np
 import pytest
+from image_helpers import write_noise_images
 import torch
-from PIL import Image
 
 from dcustom.adapters.load import load_adapter
 from dcustom.data import DataConfig
@@ -22,11 +20,7 @@ PROMPT = "a photo of sks dog"
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    images = root / "imgs"
-    images.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    images = write_noise_images(root / "imgs", [(32, 32)] * 2, seed=1)
     data = DataConfig(images=str(images), instance_prompt=PROMPT, resolution=32)
     loop = dict(steps=1, lr=2e-2, device="cpu", checkpoint_every=0)
     lora = train(LoraTrainConfig(model="tiny:sd15", data=data, train=LoopConfig(output_dir=str(root / "lora"), **loop),

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
+from image_helpers import write_noise_images
 import torch
-from PIL import Image
 
 from dcustom.adapters.boft_kernel import TORCH_KERNEL, boft_kernel_in_use, ensure_boft_kernel
 from dcustom.adapters.files import merged_linear_weights
@@ -38,11 +37,7 @@ def boft_layers(unet):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("boft")
-    images = root / "imgs"
-    images.mkdir()
-    rng = np.random.default_rng(2)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    images = write_noise_images(root / "imgs", [(32, 32)] * 2, seed=2)
     pipe = load_pipeline("tiny:sd15", device="cpu")
     base_out = render(pipe)
     frozen = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}

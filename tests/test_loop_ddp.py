@@ -10,8 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
+from image_helpers import write_noise_images
 
 WORKER = r'''
 import sys, torch
@@ -35,14 +34,9 @@ save_file(weights, str(out / f"rank{rank}.safetensors"))
 
 
 def test_two_ranks_end_with_identical_adapter_weights(tmp_path):
-    from PIL import Image
     from safetensors.torch import load_file
 
-    images = tmp_path / "imgs"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    images = write_noise_images(tmp_path / "imgs", [(32, 32)] * 4, seed=0)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",

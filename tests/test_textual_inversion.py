@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
+from image_helpers import write_noise_images
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from dcustom.adapters.load import load_adapter
@@ -27,10 +26,7 @@ PROMPT = "a photo of <toy-subject>"
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("subject")
-    rng = np.random.default_rng(0)
-    for i, (w, h) in enumerate([(32, 32), (48, 32)]):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    d = write_noise_images(tmp_path_factory.mktemp("subject"), [(32, 32), (48, 32)], seed=0)
     return d
 
 
