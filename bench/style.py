@@ -12,6 +12,7 @@ Absolute times are only meaningful on a GPU; on CPU with tiny models quote the r
 
     python bench/style.py --model tiny:sd15 --steps 10 --contents 4
     python bench/style.py --model runwayml/stable-diffusion-v1-5 --steps 50 --device cuda
+    python bench/style.py --model sd15 --steps 50 --device cuda    # SD1.5 architecture, random weights (also sdxl)
 """
 
 from __future__ import annotations
@@ -40,6 +41,32 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+RANDOM_ARCHS = ("sd15", "sdxl")
+
+
+def random_arch_pipeline(arch: str, device: str, dtype: str):
+    """SD1.5 / SDXL built from their configs with random weights (bench/train_adapter.py's builder), moved to
+    the device in fp16 on CUDA (fp32 elsewhere) unless --dtype says otherwise."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_adapter import build_pipeline
+
+    from dcustom.models import resolve_device
+
+    device = resolve_device(device)
+    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    torch_dtype = names.get(dtype, torch.float16 if device.startswith("cuda") else torch.float32)
+    from diffusers import DDIMScheduler
+
+    pipe = build_pipeline(arch).to(device, torch_dtype)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
 def plain_pair(pipe, content, style, cfg, layers):
     """The uncached two-pass recipe: full q/k/v in fp32 for both images, every pair."""
     from dcustom.pipelines.inversion import invert, sample_from
@@ -65,7 +92,8 @@ def main():
     from dcustom.pipelines.transfer import stylize
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="tiny:sd15")
+    ap.add_argument("--model", default="tiny:sd15", help="a model spec, or sd15 / sdxl for the real architecture "
+                    "with random weights")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--contents", type=int, default=4, help="content images stylized with one style")
     ap.add_argument("--device", default="auto")
@@ -74,7 +102,10 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
+    if args.model in RANDOM_ARCHS:  # the real architecture with random weights: same FLOPs and memory, no download
+        pipe = random_arch_pipeline(args.model, args.device, args.dtype)
+    else:
+        pipe = load_pipeline(args.model, dtype=args.dtype, device=args.device)
     device = str(pipe.device)
     cfg = StyleInjectionConfig(model=args.model, steps=args.steps)
     layers = resolve_layers(pipe.unet, cfg.layers, family_of(pipe))

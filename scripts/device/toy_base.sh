@@ -21,7 +21,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUN_DIR=runs/toy_base
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1  # env.sh sets them too; unpack runs here without it
 
 running() {  # the training this script started (its pid file), not any other train-base
     [ -f "$RUN_DIR/pid" ] && kill -0 "$(cat "$RUN_DIR/pid")" 2>/dev/null
@@ -40,10 +40,7 @@ wheels)
     ;;
 run)
     follow=${2:-540}
-    if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    fi
-    export PYTHONPATH=/tmp/site:$PWD
+    source scripts/device/env.sh
     if [ ! -f "$RUN_DIR/DONE" ] && ! running; then
         mkdir -p "$RUN_DIR"
         nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi here"
