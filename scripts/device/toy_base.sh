@@ -62,7 +62,7 @@ run)
         if running; then echo RUNNING; exit 0; fi
         echo "FAILED: training stopped without finishing; the end of its log:"; tail -n 30 "$RUN_DIR/train.log"; exit 1
     fi
-    dcustom_cli eval base -m "$RUN_DIR/model" --bars -o "$RUN_DIR/bars" --seeds "${TOY_BARS_SEEDS:-0,1,2}" \
+    dcustom_cli eval base -m "$RUN_DIR/model" --bars -o "$RUN_DIR/bars" --seeds "${TOY_BARS_SEEDS:-0,1,2,3}" \
         ${TOY_BARS_PROMPT:+--prompt "$TOY_BARS_PROMPT"} 2>&1 | tee "$RUN_DIR/bars.txt" || true
     tar -C "$RUN_DIR" -czf /tmp/toy_model.tgz model
     split -b 15M -d /tmp/toy_model.tgz "$OUT/toy_model.tgz.part-"
@@ -82,7 +82,7 @@ unpack)
     rm -rf "$dest" && mv "$dest.tmp" "$dest"
     echo "model in $dest/model; checking the bars here (CPU) before installing it"
     if dcustom_cli eval base -m "$dest/model" --bars -o "$dest/bars_cpu" --device cpu --dtype fp32 \
-            --seeds "${TOY_BARS_SEEDS:-0,1,2}" ${TOY_BARS_PROMPT:+--prompt "$TOY_BARS_PROMPT"}; then
+            --seeds "${TOY_BARS_SEEDS:-0,1,2,3}" ${TOY_BARS_PROMPT:+--prompt "$TOY_BARS_PROMPT"}; then
         python3 -c "from dcustom.toyworld.train_base import install_folder; install_folder('$dest/model')"
     else
         echo "a bar does not hold (see above and $dest/bars_cpu/bars.json): not installed as builtin:toy"
