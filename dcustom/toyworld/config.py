@@ -53,6 +53,9 @@ class UnetStageConfig:
     object_weight: float = opt(4.0, "Loss weight on latent pixels covered by the object is 1 + object_weight.")
     min_snr_gamma: float = opt(5.0, "Min-SNR-gamma timestep weighting (0 disables).")
     cond_dropout: float = opt(0.1, "Probability of training on the empty caption (classifier-free guidance).")
+    noise_offset: float = opt(0.1, "Per-image, per-channel constant added to the training noise (offset noise): "
+                                   "without it the sampler starts every image at the mean brightness and black or "
+                                   "white backgrounds come out gray (0 disables).")
     ema_decay: float = opt(0.999, "EMA of the UNet weights, used for evaluation and export (0 disables).")
 
 

@@ -267,6 +267,8 @@ class Run:
         ids = torch.where(drop[:, None], self.empty_ids.expand_as(ids), ids)
         noise = torch.randn(latents.shape, generator=gen, device=self.device)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(idx),), generator=gen, device=self.device)
+        if u.noise_offset > 0:  # the scaled-linear schedule never noises an image's mean away: teach other means
+            noise = noise + u.noise_offset * torch.randn(*latents.shape[:2], 1, 1, generator=gen, device=self.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         with self.autocast():
             with torch.set_grad_enabled(not cfg.text.freeze_after):
