@@ -238,3 +238,9 @@ def test_cli_eval_base_bars_reports_every_bar_and_fails_when_one_does_not_hold(c
     assert set(saved["figures"]) == set(BARS) and None not in saved["figures"].values()
     assert saved["all_passed"] is False and saved["passed"]["vae_psnr_db"] is False
     assert saved["images"] == 2 and saved["steps"] == 30 and saved["figures"]["cpu_seconds_4_images"] > 0
+
+
+def test_cli_eval_base_refuses_more_base_prompts_than_the_grammar_has(cli):
+    code, out, err = cli("eval", "base", "-m", "tiny:sd15", "--prompts", "500")
+    assert code == 2
+    assert "prompts: 500 base prompts asked for; the grammar has 192 distinct ones" in out + err

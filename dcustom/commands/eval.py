@@ -39,8 +39,9 @@ def base(
         from dcustom.models import load_pipeline
         from dcustom.toyworld.evaluate import evaluate_pipeline, heldout_prompts
 
+        prompt_list = list(prompt) or heldout_prompts(prompts)  # before the model loads: a bad count fails at once
         pipe = load_pipeline(model, dtype=dtype, device=device)
-        report = evaluate_pipeline(pipe, list(prompt) or heldout_prompts(prompts), seed_list, judge=judge,
+        report = evaluate_pipeline(pipe, prompt_list, seed_list, judge=judge,
                                    steps=steps, guidance=guidance, out_dir=output_dir)
     except DcustomError as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)

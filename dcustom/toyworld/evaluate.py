@@ -19,6 +19,13 @@ PROMPT_SEED = 20_241_122  # fixed: the held-out prompt list never changes betwee
 
 def heldout_prompts(n_base: int = 24, seed: int = PROMPT_SEED) -> list[str]:
     """A fixed prompt list: n_base prompts over trained pairs, then one per held-out shape x colour pair."""
+    from dcustom.errors import DcustomError
+    from dcustom.toyworld.grammar import BACKGROUNDS, base_combos
+
+    distinct = len(base_combos()) * len(BACKGROUNDS)
+    if not 0 < n_base <= distinct:  # more would never be found: the loop below draws distinct prompts
+        raise DcustomError(f"prompts: {n_base} base prompts asked for; the grammar has {distinct} distinct ones "
+                           "(shape x colour x background); accepted: 1 to that, with more --seeds for more images.")
     rng = random.Random(seed)
     prompts = []
     while len(prompts) < n_base:

@@ -533,7 +533,6 @@ def out_of_time(run_: Run, stage: str, loss: float | None) -> Path:
 
 
 def finish(run_: Run, partial: bool = False) -> Path:
-    from dcustom.models import toy_model_dir  # noqa: F401  (documents where install writes)
     from dcustom.toyworld.model import save_model_folder
 
     cfg = run_.cfg
