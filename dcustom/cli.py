@@ -149,10 +149,20 @@ def config_check(path: Path = typer.Argument(..., help="A YAML config with a 'me
 @app.command()
 def env():
     """Versions, accelerators, attention backend and optional extras present."""
-    from dcustom.environment import describe_environment
+    from dcustom.environment import LOCK_FILE, describe_environment, lock_report
 
     for key, value in describe_environment().items():
         typer.echo(f"{key:24s} {value}")
+    rows = lock_report()
+    if rows[0][3] == "no lock":
+        typer.echo(f"no lock file at {LOCK_FILE} (installed from a wheel?): versions not checked")
+        return
+    typer.echo(f"against the locked set ({LOCK_FILE.name}):")
+    for dist, have, want, verdict in rows:
+        typer.echo(f"  {dist:14s} installed {have:16s} locked {want:16s} {verdict}")
+    outside = [r[0] for r in rows if r[3] != "ok"]
+    if outside:
+        typer.echo(f"outside the locked set: {', '.join(outside)}; 'bash scripts/setup.sh' installs the locked versions")
 
 
 def main():

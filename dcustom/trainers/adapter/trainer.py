@@ -93,8 +93,12 @@ class AdapterMethod:
         import torch
 
         cfg = self.cfg
-        pipe = self._load_frozen_pipeline(ctx)
         self.train_te = cfg.method == "lora" and cfg.text_encoder_lora
+        if self.train_te:  # before any work: a peft too old for transformers fails only when the adapter is added
+            from dcustom.environment import check_peft_supports_transformers
+
+            check_peft_supports_transformers()
+        pipe = self._load_frozen_pipeline(ctx)
         self._check_targets(pipe.unet)
         if cfg.method == "boft":
             from dcustom.adapters.boft_kernel import ensure_boft_kernel
