@@ -244,3 +244,78 @@ def test_cli_eval_base_refuses_more_base_prompts_than_the_grammar_has(cli):
     code, out, err = cli("eval", "base", "-m", "tiny:sd15", "--prompts", "500")
     assert code == 2
     assert "prompts: 500 base prompts asked for; the grammar has 192 distinct ones" in out + err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.vae_channels=[16,32]", "vae_channels must list exactly 3 block widths"),
+    ("model.vae_channels=[]", "vae_channels must list exactly 3 block widths"),
+    ("model.vae_channels=[16,0,64]", "vae_channels widths must be positive"),
+    ("model.vae_channels=[16,24,64]", "every width must be divisible by the norm groups min(32, first width) = 16; 24 is not"),
+    ("model.unet_channels=[64,100,96]", "unet_channels [64, 100, 96]: every width must be divisible by the norm groups"),
+    ("model.unet_channels=[64,96,96,96,96]", "unet_channels must list 1 to 4 block widths"),
+    ("model.unet_head_dim=48", "must be a multiple of unet_head_dim 48; 64 is not"),
+    ("model.text_heads=3", "text_hidden 128 must be divisible by text_heads 3"),
+    ("model.latent_channels=0", "latent_channels must be at least 1, got 0"),
+    ("model.unet_cross_attention_levels=4", "unet_cross_attention_levels must be between 0 and len(unet_channels) = 3"),
+    ("model.text_max_length=4", "text_max_length must be at least 16"),
+])
+def test_recipe_architecture_that_cannot_build_fails_before_any_stage(cli, tmp_path, override, message):
+    code, out, err = cli("toyworld", "train-base", "--config", "configs/toy_base.yaml", "--set", override,
+                         "--set", f"output_dir={tmp_path / 'run'}")
+    assert code == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_resume_from_a_checkpoint_of_another_architecture_is_refused(tmp_path):
+    from dcustom.toyworld.config import tiny_config
+    from dcustom.toyworld.train_base import run
+
+    run(tiny_config(str(tmp_path)), stop_after=3, log=lambda m: None)
+    other = tiny_config(str(tmp_path), ["model.vae_channels=[8,16,32]"])
+    with pytest.raises(DcustomError, match=r"it was trained with model.vae_channels=\[8, 16, 16\] but the config "
+                                           r"says model.vae_channels=\[8, 16, 32\]"):
+        run(other, log=lambda m: None)
+    # a checkpoint from before architectures were recorded: the tensor shapes tell
+    state_file = next(tmp_path.glob("checkpoints/step-*/state.json"))
+    state = json.loads(state_file.read_text())
+    del state["model"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(DcustomError, match=r"its vae has another architecture \(.* is \(16,.*the config builds \(32,"):
+        run(other, log=lambda m: None)
+    run(tiny_config(str(tmp_path)), log=lambda m: None)  # the right architecture still resumes
+
+
+def test_install_never_replaces_a_shipped_model_that_scores_higher(tmp_path):
+    from dcustom.toyworld.train_base import SCORE_FILE, install_folder
+
+    def folder(name):
+        f = tmp_path / name
+        f.mkdir()
+        (f / "model_index.json").write_text("{}")
+        (f / "weights.bin").write_text(name)
+        return f
+
+    target = tmp_path / "shipped"
+    install_folder(folder("good"), log=lambda m: None, score={"prompt": 0.9}, target=target)
+    with pytest.raises(DcustomError, match="shipped builtin:toy scores prompt accuracy 0.900 and .* scores 0.8"):
+        install_folder(folder("worse"), log=lambda m: None, score={"prompt": 0.8}, target=target)
+    with pytest.raises(DcustomError, match="scores nothing recorded"):
+        install_folder(folder("unscored"), log=lambda m: None, target=target)
+    assert (target / "weights.bin").read_text() == "good"
+    install_folder(folder("better"), log=lambda m: None, score={"prompt": 0.95}, target=target)
+    assert (target / "weights.bin").read_text() == "better"
+    assert json.loads((target / SCORE_FILE).read_text())["prompt"] == 0.95
+
+
+def test_generic_images_are_reproducible_and_never_draw_a_subject():
+    from dcustom.toyworld.generic import render_generic, render_generic_pool
+
+    pool = render_generic_pool(5, seed=3)
+    assert pool.shape == (5, 64, 64, 3) and pool.dtype == np.uint8
+    assert np.array_equal(pool[2], render_generic(3, 2))
+    assert not np.array_equal(pool[2], render_generic(4, 2))
+    # the generic renderer has no access to the subjects' parts: nothing of theirs is imported
+    import dcustom.toyworld.generic as generic
+
+    assert "SUBJECT_PARTS" not in vars(generic) and "render_subject" not in vars(generic)

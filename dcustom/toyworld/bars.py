@@ -47,16 +47,50 @@ def vae_psnr(vae, images: int = 256, seed: int = 123, batch: int = 64) -> float:
     from dcustom.toyworld.judges import render_dataset
 
     x, _ = render_dataset(images, seed=seed, split="base")
-    device, dtype = vae.device, vae.dtype
-    values = []
+    return float(_psnr(_reconstruct(vae, x, batch), x).mean())
+
+
+def _reconstruct(vae, x, batch: int = 64):
+    """VAE encode (mode) -> decode of images in [0, 1]; returns reconstructions in [0, 1] on cpu."""
+    import torch
+
+    out = []
     with torch.inference_mode():
         for i in range(0, len(x), batch):
-            chunk = x[i:i + batch].to(device, dtype)
+            chunk = x[i:i + batch].to(vae.device, vae.dtype)
             rec = vae.decode(vae.encode(chunk * 2 - 1).latent_dist.mode()).sample.float().cpu()
-            rec = ((rec + 1) / 2).clamp(0, 1)
-            mse = ((rec - x[i:i + batch]) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
-            values.append(10 * torch.log10(1 / mse))
-    return float(torch.cat(values).mean())
+            out.append(((rec + 1) / 2).clamp(0, 1))
+    return torch.cat(out)
+
+
+def _psnr(a, b):
+    import torch
+
+    mse = ((a - b) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    return 10 * torch.log10(1 / mse)
+
+
+def vae_subject_figures(vae, per_subject: int = 32, seed: int = 321) -> dict:
+    """Can the autoencoder carry the held-out subjects? Per subject: PSNR of encode -> decode on its renders,
+    and the fraction of reconstructions J_eval still names that subject (with the same fraction on the
+    originals beside it, the judge's own ceiling)."""
+    from dcustom.toyworld.grammar import HEADS, SUBJECT_NAMES
+    from dcustom.toyworld.judges import load_judge, to_tensor
+    from dcustom.toyworld.render import render_subject
+
+    judge = load_judge("eval")
+    out = {}
+    for k, name in enumerate(SUBJECT_NAMES):
+        x = to_tensor([im for im, _, _ in render_subject(name, per_subject, seed=seed + k)])
+        rec = _reconstruct(vae, x)
+        label = HEADS["subject"].index(name)
+        orig_ok = judge.predict(x)["subject"]["probs"].argmax(-1) == label
+        rec_ok = judge.predict(rec)["subject"]["probs"].argmax(-1) == label
+        out[name] = {"psnr_db": float(_psnr(rec, x).mean()), "kept": float(rec_ok.float().mean()),
+                     "judge_on_originals": float(orig_ok.float().mean())}
+    out["min_psnr_db"] = min(out[n]["psnr_db"] for n in SUBJECT_NAMES)
+    out["min_kept"] = min(out[n]["kept"] for n in SUBJECT_NAMES)
+    return out
 
 
 def cpu_seconds_for_4_images(model: str, steps: int = 30, guidance: float = 7.5) -> dict[int, float]:

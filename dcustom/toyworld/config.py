@@ -23,6 +23,43 @@ class ToyModelConfig:
     unet_cross_attention_levels: int = opt(2, "How many of the highest-resolution UNet levels get cross-attention "
                                            "(the mid block always has it).")
 
+    def __post_init__(self):
+        # Checked here, before any stage runs, so a value that cannot build fails in one sentence naming
+        # the key instead of a diffusers traceback minutes into the run.
+        _check_widths("vae_channels", self.vae_channels, exactly=3,
+                      why="3 blocks = two 2x downsamples: 64x64 images -> the 16x16 latents the recipe's masks use")
+        _check_widths("unet_channels", self.unet_channels, at_most=4, why="the 16x16 latent allows at most 3 downsamples")
+        for key in ("vae_layers_per_block", "latent_channels", "text_hidden", "text_layers", "text_heads",
+                    "unet_layers_per_block", "unet_head_dim"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        for key, widths in (("vae_channels", self.vae_channels), ("unet_channels", self.unet_channels)):
+            groups = min(32, widths[0])  # diffusers' GroupNorm uses this many groups in every block
+            bad = [w for w in widths if w % groups]
+            if bad:
+                raise ValueError(f"{key} {widths}: every width must be divisible by the norm groups "
+                                 f"min(32, first width) = {groups}; {bad[0]} is not")
+        bad = [w for w in self.unet_channels if w % self.unet_head_dim]
+        if bad:
+            raise ValueError(f"unet_channels {self.unet_channels}: every width must be a multiple of "
+                             f"unet_head_dim {self.unet_head_dim}; {bad[0]} is not")
+        if self.text_hidden % self.text_heads:
+            raise ValueError(f"text_hidden {self.text_hidden} must be divisible by text_heads {self.text_heads}")
+        if self.text_max_length < 16:
+            raise ValueError(f"text_max_length must be at least 16 (captions take up to ~16 tokens), "
+                             f"got {self.text_max_length}")
+        if not 0 <= self.unet_cross_attention_levels <= len(self.unet_channels):
+            raise ValueError(f"unet_cross_attention_levels must be between 0 and len(unet_channels) = "
+                             f"{len(self.unet_channels)}, got {self.unet_cross_attention_levels}")
+
+
+def _check_widths(key: str, widths, why: str, exactly: int | None = None, at_most: int | None = None):
+    if not widths or (exactly is not None and len(widths) != exactly) or (at_most is not None and len(widths) > at_most):
+        count = f"exactly {exactly}" if exactly is not None else f"1 to {at_most}"
+        raise ValueError(f"{key} must list {count} block widths ({why}), got {list(widths)}")
+    if any(w < 1 for w in widths):
+        raise ValueError(f"{key} widths must be positive, got {list(widths)}")
+
 
 @dataclass
 class TextStageConfig:
@@ -39,6 +76,10 @@ class VaeStageConfig:
     lr: float = opt(1e-3, "AdamW learning rate (cosine decay, 200 warmup steps).")
     kl_weight: float = opt(1e-6, "KL term weight (SD-like: tiny, latents stay informative).")
     object_weight: float = opt(2.0, "Extra reconstruction weight on object pixels.")
+    generic_fraction: float = opt(0.0, "Fraction of each batch drawn from generic procedural images (random polygons, "
+                                       "colours, textures and small details; never a subject) instead of base renders, "
+                                       "so the autoencoder carries what the base split never shows.")
+    generic_images: int = opt(0, "Generic images rendered for the VAE stage (0 = none).")
 
 
 @dataclass
@@ -106,6 +147,7 @@ TINY_OVERRIDES = (
     "model.vae_channels=[8,16,16]", "model.text_hidden=32", "model.text_layers=1", "model.text_heads=2",
     "model.unet_channels=[16,32,32]", "model.unet_head_dim=8",
     "text.steps=2", "text.batch_size=8", "vae.steps=2", "vae.batch_size=4",
+    "vae.generic_fraction=0.5", "vae.generic_images=6",
     "unet.steps=3", "unet.batch_size=4", "unet.warmup_steps=1",
     "curve.every=100", "curve.prompts=2", "curve.sampling_steps=2", "checkpoint_every=100",
 )

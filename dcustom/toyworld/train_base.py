@@ -193,6 +193,13 @@ class Run:
         self.empty_ids = self.tokenizer("", padding="max_length", max_length=self.tokenizer.model_max_length,
                                         return_tensors="pt").input_ids.to(self.device)
         self.log(f"pool: {cfg.pool_size} images x {cfg.captions_per_image} captions in {time.time() - t0:.0f}s")
+        self.generic = None
+        if self.stage in ("text", "vae") and cfg.vae.generic_fraction > 0 and cfg.vae.generic_images > 0:
+            from dcustom.toyworld.generic import render_generic_pool
+
+            t0 = time.time()
+            self.generic = torch.from_numpy(render_generic_pool(cfg.vae.generic_images, cfg.seed, workers))
+            self.log(f"generic pool: {cfg.vae.generic_images} images in {time.time() - t0:.0f}s")
 
     def batch_captions(self, idx, gen, with_labels: bool = False):
         pick = torch.randint(0, self.cfg.captions_per_image, (len(idx),), generator=gen, device=self.device)
@@ -249,6 +256,11 @@ class Run:
         idx = torch.randint(0, len(self.images), (cfg.vae.batch_size,), generator=gen, device=self.device)
         x = self.batch_images(idx)
         weight = 1 + cfg.vae.object_weight * F.interpolate(self.masks[idx][:, None], scale_factor=4, mode="nearest")
+        n_generic = round(cfg.vae.batch_size * cfg.vae.generic_fraction) if self.generic is not None else 0
+        if n_generic:  # the batch's tail comes from the generic pool (uniform weight: it has no object mask)
+            pick = torch.randint(0, len(self.generic), (n_generic,), generator=gen, device=self.device)
+            x[-n_generic:] = self.generic[pick.cpu()].to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            weight[-n_generic:] = 1
         with self.autocast():
             posterior = self.vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen, device=self.device)
@@ -314,7 +326,8 @@ class Run:
         if self.optimizer is not None:
             torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_sched.state_dict()},
                        tmp / "optimizer.pt")
-        state = {"stage": self.stage, "step": self.step, "global_step": self.global_step, "curve": self.curve,
+        state = {"model": to_dict(self.cfg.model), "stage": self.stage, "step": self.step,
+                 "global_step": self.global_step, "curve": self.curve,
                  "scaling_factor": self.vae.config.scaling_factor, "train_seconds": round(self.elapsed_seconds(), 1)}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if final.exists():
@@ -331,6 +344,7 @@ class Run:
 
     def restore(self, path: Path):
         state = json.loads((path / "state.json").read_text())
+        self._check_same_architecture(path, state)
         load_state(self.text_encoder, path / "text_encoder.safetensors")
         load_state(self.vae, path / "vae.safetensors")
         load_state(self.unet, path / "unet.safetensors")
@@ -347,6 +361,29 @@ class Run:
             self.optimizer.load_state_dict(opt["optimizer"])
             self.lr_sched.load_state_dict(opt["lr_scheduler"])
         self.log(f"resumed from {path} (stage {self.stage}, step {self.step})")
+
+    def _check_same_architecture(self, path: Path, state: dict):
+        """A checkpoint of another architecture cannot continue this run: say so before loading anything."""
+        from safetensors import safe_open
+
+        mine = to_dict(self.cfg.model)
+        theirs = state.get("model")
+        if theirs is not None:
+            diff = [k for k in mine if theirs.get(k) != mine[k]]
+            if diff:
+                k = diff[0]
+                raise DcustomError(f"cannot resume from {path}: it was trained with model.{k}={theirs.get(k)!r} but the "
+                                   f"config says model.{k}={mine[k]!r}; use that value, or a new output_dir to start afresh.")
+            return
+        # Older checkpoints carry no architecture: compare tensor shapes instead.
+        for name, module in (("vae", self.vae), ("unet", self.unet), ("text_encoder", self.text_encoder)):
+            with safe_open(str(path / f"{name}.safetensors"), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            for key, tensor in module.state_dict().items():
+                if shapes.get(key) != tuple(tensor.shape):
+                    raise DcustomError(f"cannot resume from {path}: its {name} has another architecture ({key} is "
+                                       f"{shapes.get(key)}, the config builds {tuple(tensor.shape)}); use the "
+                                       f"config it was trained with, or a new output_dir to start afresh.")
 
     def elapsed_seconds(self) -> float:
         """Wall time spent on this run so far, all stages and all invocations (resumes) together."""
@@ -547,27 +584,52 @@ def finish(run_: Run, partial: bool = False) -> Path:
     return out
 
 
+SCORE_FILE = "toy_score.json"  # beside model_index.json: the figures the install decision compared
+
+
 def install(curve: list[dict], folder: Path, min_shape: float, log=print) -> Path:
     """Copy a trained model folder into the package as builtin:toy, only if it binds shapes."""
-    shape = curve[-1].get("shape", 0.0) if curve else 0.0
+    last = curve[-1] if curve else {}
+    shape = last.get("shape", 0.0)
     if shape < min_shape:
         raise DcustomError(f"install refused: final J_eval shape accuracy {shape:.2f} is below "
                            f"install_min_shape_accuracy {min_shape:.2f}; the model stays in {folder}.")
-    return install_folder(folder, log)
+    score = {k: last[k] for k in ("prompt", "shape", "colour", "background") if k in last}
+    return install_folder(folder, log, score={"source": "learning curve (last point)", **score})
 
 
-def install_folder(folder: str | Path, log=print) -> Path:
-    """Copy a model folder into the package as builtin:toy (atomically: a temp copy, then rename)."""
+def install_folder(folder: str | Path, log=print, score: dict | None = None, target: Path | None = None) -> Path:
+    """Copy a model folder into the package as builtin:toy (atomically: a temp copy, then rename).
+
+    Never replaces a shipped model that scores higher: the prompt accuracy each install recorded (from
+    the learning curve, or `score` given by the bars check) is compared first. A folder without a
+    recorded score replaces nothing that has one.
+    """
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise DcustomError(f"install refused: {str(folder)!r} is not a toy-model folder (no model_index.json).")
-    target = Path(__file__).resolve().parent / "weights" / "toy"
-    tmp = target.with_name("toy.tmp")
+    target = target or Path(__file__).resolve().parent / "weights" / "toy"
+    score = score or _read_score(folder)
+    shipped = _read_score(target)
+    if shipped.get("prompt") is not None and (score.get("prompt") is None or score["prompt"] < shipped["prompt"]):
+        raise DcustomError(f"install refused: the shipped builtin:toy scores prompt accuracy {shipped['prompt']:.3f} "
+                           f"and {str(folder)!r} scores {score.get('prompt', 'nothing recorded')}; the shipped model "
+                           f"stays (delete {target} first to replace it anyway).")
+    tmp = target.with_name(target.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(folder, tmp)
+    if score:
+        (tmp / SCORE_FILE).write_text(json.dumps(score, indent=1))
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
     log(f"installed as builtin:toy in {target}")
     return target
+
+
+def _read_score(folder: Path) -> dict:
+    try:
+        return json.loads((folder / SCORE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
