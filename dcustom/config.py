@@ -3,6 +3,9 @@
 - unknown keys are errors that name the allowed keys;
 - `--set a.b=c` overrides are converted to the field's type (int, float, bool, str, Optional,
   Literal, list/tuple, nested dataclass);
+- values are checked against the ranges and choices declared on the fields (`opt(..., ge=1)`), so
+  `dcustom config check` and `dcustom train` accept and refuse the same files;
+- an error names where the bad value came from: the YAML file, or the override (`--set`, a flag);
 - `to_yaml(cfg, comments=True)` writes a commented YAML whose comments are the fields' help texts.
 
 Torch-free on purpose: `dcustom config print` must be instant.
@@ -19,9 +22,16 @@ from typing import Any, Literal, Union
 from dcustom.errors import DcustomError
 
 
-def opt(default: Any = dataclasses.MISSING, help: str = "", **kwargs):
-    """A dataclass field with a help text; mutable defaults are copied per instance."""
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, ge=None, gt=None, le=None, lt=None, choices=None,
+        **kwargs):
+    """A dataclass field with a help text and optional bounds (ge/gt/le/lt) or `choices`; mutable defaults
+    are copied per instance. Bounds are checked wherever a config is read (YAML, overrides, `check_values`)."""
     metadata = {"help": help}
+    bounds = {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}
+    if bounds:
+        metadata["bounds"] = bounds
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
@@ -128,28 +138,80 @@ def coerce(value: Any, tp, where: str) -> Any:
     return value
 
 
+_BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+def check_field(value: Any, f: dataclasses.Field, where: str) -> None:
+    """Raise one sentence naming `where` when `value` breaks the bounds or choices declared on field `f`."""
+    choices = f.metadata.get("choices")
+    if choices is not None and value is not None and value not in choices:
+        raise DcustomError(f"{where}: {value!r} is not known; accepted: {', '.join(map(str, choices))}.")
+    bounds = f.metadata.get("bounds")
+    if not bounds or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    ok = all({"ge": value >= b, "gt": value > b, "le": value <= b, "lt": value < b}[k] for k, b in bounds.items())
+    if not ok:
+        kind = "an integer" if isinstance(value, int) else "a number"
+        limits = " and ".join(f"{_BOUND_WORDS[k]} {b if isinstance(b, int) else f'{b:g}'}" for k, b in bounds.items())
+        raise DcustomError(f"{where}: {value!r} is not valid; accepted: {kind} {limits}.")
+
+
+def check_values(obj, where: str = "config") -> None:
+    """Check every field of a config instance (and its sections) against its declared bounds and choices:
+    what the Python API builds directly gets the same checks as a YAML file."""
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        value = getattr(obj, f.name)
+        dotted = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            check_values(value, dotted)
+        else:
+            check_field(value, f, dotted)
+
+
+class ConfigValueError(DcustomError):
+    """A check across several keys failed (a dataclass __post_init__); `detail` is the sentence without a source."""
+
+    def __init__(self, where: str, detail: str):
+        super().__init__(f"{where}: {detail}")
+        self.where, self.detail = where, detail
+
+
+def _join(where: str, name: str) -> str:
+    """'configs/x.yaml:' + 'rank' -> 'configs/x.yaml: rank'; 'configs/x.yaml: train' + 'lr' -> '... train.lr'."""
+    if not where:
+        return name
+    return f"{where} {name}" if where.endswith(":") else f"{where}.{name}"
+
+
 def from_dict(cls, data: dict, where: str = "config"):
-    """Build dataclass `cls` from a mapping, strictly: unknown keys name the allowed ones."""
+    """Build dataclass `cls` from a mapping, strictly: unknown keys name the allowed ones.
+
+    `where` names the source; a trailing ':' marks a file, whose keys are then written 'file: a.b'."""
+    label = where.rstrip(":")
     if not isinstance(data, dict):
-        raise DcustomError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}.")
+        raise DcustomError(f"{label}: expected a mapping of keys to values, got {type(data).__name__}.")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise DcustomError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(fields)}.")
+        raise DcustomError(f"{label}: unknown key {unknown[0]!r}; allowed keys: {', '.join(fields)}.")
     hints = _hints(cls)
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = coerce(value, hints[name], f"{where}.{name}" if where else name)
+        key = _join(where, name)
+        kwargs[name] = coerce(value, hints[name], key)
+        check_field(kwargs[name], fields[name], key)
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise DcustomError(f"{where}: required key {missing[0]!r} is missing.")
+        raise DcustomError(f"{label}: required key {missing[0]!r} is missing.")
     try:
         obj = cls(**kwargs)
     except DcustomError:
         raise
     except (TypeError, ValueError) as exc:
-        raise DcustomError(f"{where}: {exc}") from None
+        raise ConfigValueError(label, str(exc).rstrip(".") + ".") from None
     return obj
 
 
@@ -200,6 +262,7 @@ def apply_overrides(cls, data: dict, overrides) -> dict:
             tp = _hints(target_cls)[part]
             if i == len(path) - 1:
                 node[part] = coerce(value, tp, f"override {dotted}")
+                check_field(node[part], _field(target_cls, part), f"override {dotted}")
                 if dataclasses.is_dataclass(node[part]):
                     node[part] = to_dict(node[part])
             else:
@@ -210,6 +273,10 @@ def apply_overrides(cls, data: dict, overrides) -> dict:
                 node[part] = dict(child) if isinstance(child, dict) else {}
                 node, target_cls = node[part], sub_cls
     return data
+
+
+def _field(cls, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
 
 
 def _dataclass_in(tp):
@@ -225,14 +292,21 @@ def read_yaml(path: str | Path) -> dict:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise DcustomError(f"config file {str(path)!r} is a folder; accepted: a YAML file.")
     if not path.is_file():
         raise DcustomError(f"config file {str(path)!r} does not exist.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DcustomError(f"config file {str(path)!r} is not UTF-8 text; accepted: a YAML file.") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
         raise DcustomError(f"config file {str(path)!r} is not valid YAML{at}.") from None
+    if data is None:  # an empty file would otherwise train silently on every default
+        raise DcustomError(f"config file {str(path)!r} is empty; accepted: a YAML mapping of keys to values "
+                           "(`dcustom config print <method>` writes one).")
     if not isinstance(data, dict):
         raise DcustomError(f"config file {str(path)!r} must hold a mapping of keys to values.")
     return data
@@ -244,9 +318,22 @@ def load_config(cls, path: str | Path | None = None, overrides=(), data: dict | 
     where = "config"
     if path is not None:
         raw.update(read_yaml(path))
-        where = str(path)
+        where = f"{path}:"
     raw = apply_overrides(cls, raw, overrides)
-    return from_dict(cls, raw, where)
+    try:
+        return from_dict(cls, raw, where)
+    except ConfigValueError as exc:
+        # A check across keys: blame the override that set a key the sentence names, not the file.
+        named = [o for o in overrides or () if _names_key(exc.detail, parse_override(o)[0])]
+        if not named:
+            raise
+        raise DcustomError(f"override {named[0]}: {exc.detail}") from None
+
+
+def _names_key(text: str, path: list[str]) -> bool:
+    import re
+
+    return any(re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", text) for key in (".".join(path), path[-1]))
 
 
 def save_yaml(obj, path: str | Path, comments: bool = False) -> Path:

@@ -39,7 +39,7 @@ def test_unknown_key_names_allowed_keys(tmp_path):
     path.write_text("steps: 2\noptimizer:\n  learning_rate: 0.1\n")
     with pytest.raises(DcustomError) as err:
         load_config(Example, path)
-    assert str(err.value) == f"{path}.optimizer: unknown key 'learning_rate'; allowed keys: lr, betas."
+    assert str(err.value) == f"{path}: optimizer: unknown key 'learning_rate'; allowed keys: lr, betas."
 
 
 def test_overrides_convert_types():

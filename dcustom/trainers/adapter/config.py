@@ -19,46 +19,48 @@ class AdapterTrainConfig:
     data: DataConfig = opt(DataConfig(), "Training images and captions.")
     train: LoopConfig = opt(LoopConfig(), "Shared loop settings (steps, lr, precision, checkpoints).")
     target_modules: list[str] = opt(list(ATTN_TARGETS), "UNet Linear layers the adapter wraps (peft target_modules).")
-    min_snr_gamma: Optional[float] = opt(5.0, "Min-SNR-gamma loss weighting (null disables; 5 is the paper's value).")
-    noise_offset: float = opt(0.0, "Noise offset (e.g. 0.05) for darker/brighter images; 0 disables.")
+    min_snr_gamma: Optional[float] = opt(5.0, "Min-SNR-gamma loss weighting (null disables; 5 is the paper's value).", gt=0)
+    noise_offset: float = opt(0.0, "Noise offset (e.g. 0.05) for darker/brighter images; 0 disables.", ge=0)
     validation_prompts: list[str] = opt(["a photo of sks dog on the beach"], "Prompts rendered as samples (every train.sample_every steps and at the end).")
-    sample_steps: int = opt(25, "Sampling steps for validation images.")
-    sample_seed: int = opt(1234, "Seed of the validation images (same each time, so they are comparable).")
+    sample_steps: int = opt(25, "Sampling steps for validation images.", ge=1)
+    sample_seed: int = opt(1234, "Seed of the validation images (same each time, so they are comparable).", ge=0)
 
     def __post_init__(self):
         if self.train.steps < 1:
             raise ValueError(f"train.steps must be at least 1, got {self.train.steps}")
+        if not self.target_modules:
+            raise ValueError("target_modules is empty; name at least one UNet layer, e.g. [to_q, to_k, to_v, to_out.0]")
 
 
 @dataclass
 class LoraTrainConfig(AdapterTrainConfig):
     method: str = opt("lora", "Always 'lora'.")
-    rank: int = opt(16, "LoRA rank r.")
-    alpha: float = opt(16.0, "LoRA alpha: the update is scaled by alpha / rank (saved as the true alpha).")
-    dropout: float = opt(0.0, "LoRA dropout.")
+    rank: int = opt(16, "LoRA rank r.", ge=1)
+    alpha: float = opt(16.0, "LoRA alpha: the update is scaled by alpha / rank (saved as the true alpha).", gt=0)
+    dropout: float = opt(0.0, "LoRA dropout.", ge=0, lt=1)
     dora: bool = opt(False, "DoRA: weight-decomposed LoRA (learns a per-output magnitude).")
     text_encoder_lora: bool = opt(False, "Also train LoRA on the text encoder(s) (disables text caching).")
-    text_encoder_rank: int = opt(8, "Rank of the text-encoder LoRA.")
+    text_encoder_rank: int = opt(8, "Rank of the text-encoder LoRA.", ge=1)
     write_kohya: bool = opt(True, "Also write lora_kohya.safetensors (A1111/Forge/ComfyUI keys, true per-module alpha).")
 
 
 @dataclass
 class OftTrainConfig(AdapterTrainConfig):
     method: str = opt("oft", "Always 'oft'.")
-    block_size: int = opt(32, "OFT block size (must divide each targeted layer's input width).")
+    block_size: int = opt(32, "OFT block size (must divide each targeted layer's input width).", ge=1)
     coft: bool = opt(False, "Constrained OFT (bounds the rotation by eps).")
-    eps: float = opt(6e-5, "COFT radius.")
+    eps: float = opt(6e-5, "COFT radius.", gt=0)
     cayley_neumann: bool = opt(True, "Cayley-Neumann approximation (OFTv2, faster).")
-    module_dropout: float = opt(0.0, "Multiplicative dropout of whole blocks.")
+    module_dropout: float = opt(0.0, "Multiplicative dropout of whole blocks.", ge=0, lt=1)
     write_merged: bool = opt(False, "Also write the merged UNet weights (unet_merged.safetensors).")
-    extract_rank: int = opt(32, "Rank of the SVD-extracted LoRA written for LoRA-only tools (0: none).")
+    extract_rank: int = opt(32, "Rank of the SVD-extracted LoRA written for LoRA-only tools (0: none).", ge=0)
 
 
 @dataclass
 class BoftTrainConfig(AdapterTrainConfig):
     method: str = opt("boft", "Always 'boft'.")
-    block_size: int = opt(4, "BOFT block size (boft_block_size).")
-    butterfly_factor: int = opt(2, "Number of butterfly factors (boft_n_butterfly_factor).")
-    dropout: float = opt(0.0, "BOFT multiplicative dropout.")
+    block_size: int = opt(4, "BOFT block size (boft_block_size).", ge=1)
+    butterfly_factor: int = opt(2, "Number of butterfly factors (boft_n_butterfly_factor).", ge=1)
+    dropout: float = opt(0.0, "BOFT multiplicative dropout.", ge=0, lt=1)
     write_merged: bool = opt(False, "Also write the merged UNet weights (unet_merged.safetensors).")
-    extract_rank: int = opt(32, "Rank of the SVD-extracted LoRA written for LoRA-only tools (0: none).")
+    extract_rank: int = opt(32, "Rank of the SVD-extracted LoRA written for LoRA-only tools (0: none).", ge=0)

@@ -14,7 +14,7 @@ REWARD_NAMES = ("colourfulness", "compressibility", "aesthetic", "clip_score", "
 
 @dataclass
 class SamplerSettings:
-    steps: int = opt(20, "DDIM steps of each training trajectory (the papers use 50).")
+    steps: int = opt(20, "DDIM steps of each training trajectory (the papers use 50).", ge=1)
     guidance: float = opt(5.0, "Classifier-free guidance scale (<= 1 disables CFG).")
     eta: float = opt(0.0, "DDIM eta; > 0 injects noise, drawn up front (reparameterised).")
     height: Optional[int] = opt(None, "Image height; null uses the model's default.")
@@ -58,8 +58,8 @@ class RewardSettings:
 
 @dataclass
 class LoraSettings:
-    rank: int = opt(4, "LoRA rank (AlignProp/TRL: 4; DRaFT: 8 small scale, 32 large).")
-    alpha: Optional[float] = opt(None, "LoRA alpha; null = rank (scale 1).")
+    rank: int = opt(4, "LoRA rank (AlignProp/TRL: 4; DRaFT: 8 small scale, 32 large).", ge=1)
+    alpha: Optional[float] = opt(None, "LoRA alpha; null = rank (scale 1).", gt=0)
     targets: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get a LoRA.")
     init: str = opt("gaussian", "peft init_lora_weights: gaussian (B = 0, A Gaussian) or true.")
 

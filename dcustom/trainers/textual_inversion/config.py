@@ -20,8 +20,8 @@ ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 @dataclass
 class PivotalAdapterOptions:
     rank: int = opt(8, "LoRA rank r (adapter lora).")
-    alpha: float = opt(8.0, "LoRA alpha: the update is scaled by alpha / rank (saved as the true alpha).")
-    dropout: float = opt(0.0, "LoRA dropout.")
+    alpha: float = opt(8.0, "LoRA alpha: the update is scaled by alpha / rank (saved as the true alpha).", gt=0)
+    dropout: float = opt(0.0, "LoRA dropout.", ge=0, lt=1)
     block_size: int = opt(32, "OFT block size (adapter oft; must divide each targeted layer's input width).")
     target_modules: list = opt(list(ATTN_TARGETS), "UNet Linear layers the adapter wraps (peft target_modules).")
     start_step: int = opt(0, "Optimizer step at which the adapter starts training (0: from the start).")
@@ -55,11 +55,11 @@ class TextualInversionTrainConfig:
     adapter: Literal["none", "lora", "oft"] = opt("none", "Pivotal tuning: also train a LoRA or OFT adapter on the UNet (none: vectors only).")
     embedding_fraction: float = opt(1.0, "Share of the steps during which the vectors train (pivotal tuning: e.g. 0.5); then they are frozen.")
     adapter_options: PivotalAdapterOptions = opt(PivotalAdapterOptions(), "The adapter of pivotal tuning.")
-    min_snr_gamma: Optional[float] = opt(5.0, "Min-SNR-gamma loss weighting (null disables).")
-    noise_offset: float = opt(0.0, "Noise offset (e.g. 0.05); 0 disables.")
+    min_snr_gamma: Optional[float] = opt(5.0, "Min-SNR-gamma loss weighting (null disables).", gt=0)
+    noise_offset: float = opt(0.0, "Noise offset (e.g. 0.05); 0 disables.", ge=0)
     validation_prompts: list = opt(["a photo of <toy-subject> on a striped background"], "Prompts rendered as samples (every train.sample_every steps and at the end).")
-    sample_steps: int = opt(25, "Sampling steps for validation images.")
-    sample_seed: int = opt(1234, "Seed of the validation images.")
+    sample_steps: int = opt(25, "Sampling steps for validation images.", ge=1)
+    sample_seed: int = opt(1234, "Seed of the validation images.", ge=0)
 
     def __post_init__(self):
         if self.train.steps < 1:
