@@ -35,44 +35,66 @@ cancellation (``should_stop`` callable/Event, or a ``STOP`` file in the run fold
 checkpoints ``checkpoints/step-N/`` and exact resume (weights, optimizer, scheduler, step, RNG).
 
 Run folder: config.yaml, events.jsonl, samples/, checkpoints/step-N/, the final files of ``save``.
+A finished run is never overwritten: a new run (without ``resume``) whose output folder holds one
+writes to the next free ``<output_dir>-2``, ``-3``, ... and says so. Checkpoints hold only
+safetensors, JSON and a ``weights_only`` optimizer file: nothing a checkpoint holds is unpickled.
 Torch is imported inside functions so config modules can import LoopConfig cheaply.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from dcustom.config import opt, save_yaml
+from dcustom.config import check_values, opt, save_yaml
 from dcustom.errors import DcustomError
+from dcustom.outputs import writable_folder
 
+log = logging.getLogger("dcustom.train")
 CHECKPOINT_PREFIX = "step-"
+CHECKPOINT_FILES = ("state.json", "trainable.safetensors", "optimizer.pt")
+RNG_FILE = "rng.json"
+OLD_RNG_FILE = "rng.pkl"  # written by dcustom before RNG state became JSON; never read
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
+# Files that runs not ending through this loop write last (UCE erasure, an early-stopped reward run).
+FINISHED_MARKERS = ("report.json", "reward_report.json")
 
 
 @dataclass
 class LoopConfig:
-    output_dir: str = opt("runs/run", "Run folder: config.yaml, events.jsonl, samples/, checkpoints/, final files.")
-    steps: int = opt(800, "Optimizer steps in total (a few-image subject needs 400-1000).")
-    batch_size: int = opt(1, "Items per micro-batch (per process).")
-    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.")
-    lr: float = opt(1e-4, "Peak learning rate.")
-    lr_scheduler: str = opt("constant_with_warmup", "constant, constant_with_warmup, linear, cosine, polynomial.")
-    warmup_steps: int = opt(0, "Linear warm-up steps.")
-    optimizer: str = opt("auto", "auto (8-bit AdamW on CUDA when bitsandbytes is installed, else AdamW), adamw, adamw8bit.")
-    weight_decay: float = opt(1e-2, "AdamW weight decay.")
-    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).")
-    mixed_precision: str = opt("auto", "auto (bf16 on CUDA if supported, else none), no, fp16, bf16. Trainable weights stay fp32.")
-    seed: int = opt(0, "Seed of data order, noise and initialisation.")
+    output_dir: str = opt("runs/run", "Run folder: config.yaml, events.jsonl, samples/, checkpoints/, final files. "
+                                      "If it holds a finished run, a new run goes to <output_dir>-2 (-3, ...) instead.")
+    steps: int = opt(800, "Optimizer steps in total (a few-image subject needs 400-1000).", ge=1)
+    batch_size: int = opt(1, "Items per micro-batch (per process).", ge=1)
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    lr: float = opt(1e-4, "Peak learning rate.", gt=0)
+    lr_scheduler: str = opt("constant_with_warmup", ", ".join(LR_SCHEDULERS) + ".", choices=LR_SCHEDULERS)
+    warmup_steps: int = opt(0, "Linear warm-up steps.", ge=0)
+    optimizer: str = opt("auto", "auto (8-bit AdamW on CUDA when bitsandbytes is installed, else AdamW), adamw, adamw8bit.",
+                         choices=("auto", "adamw", "adamw8bit"))
+    weight_decay: float = opt(1e-2, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).", ge=0)
+    mixed_precision: str = opt("auto", "auto (bf16 on CUDA if supported, else none), no, fp16, bf16. Trainable weights stay fp32.",
+                               choices=("auto", "no", "fp16", "bf16"))
+    seed: int = opt(0, "Seed of data order, noise and initialisation.", ge=0, lt=2**32 - 1024)
     gradient_checkpointing: bool = opt(False, "Trade compute for memory (about half the speed).")
-    checkpoint_every: int = opt(250, "Save a resumable checkpoint every N steps (0: only when stopped).")
-    keep_checkpoints: int = opt(2, "Checkpoints kept (oldest removed first; 0 keeps all).")
-    sample_every: int = opt(0, "Write validation samples every N steps (0: only at the end).")
+    checkpoint_every: int = opt(250, "Save a resumable checkpoint every N steps (0: only when stopped).", ge=0)
+    keep_checkpoints: int = opt(2, "Checkpoints kept (oldest removed first; 0 keeps all).", ge=0)
+    sample_every: int = opt(0, "Write validation samples every N steps (0: only at the end).", ge=0)
     resume: Optional[str] = opt(None, "Resume from 'latest', a step number, or a checkpoint folder.")
-    device: str = opt("auto", "auto, cpu, cuda.")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N, mps.")
+
+    def __post_init__(self):
+        if not re.fullmatch(DEVICE_PATTERN, str(self.device)):
+            raise ValueError(f"device {self.device!r} is not known; accepted: auto, cpu, cuda, cuda:N, mps")
 
 
 @dataclass
@@ -117,10 +139,21 @@ class EventLog:
         return record
 
 
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
+def _step_dirs(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / "checkpoints"
     found = [p for p in folder.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """All files a checkpoint is written with (old pickle-RNG ones count, so resume can refuse them by name)."""
+    path = Path(path)
+    return all((path / n).is_file() for n in CHECKPOINT_FILES) and any((path / n).is_file() for n in (RNG_FILE, OLD_RNG_FILE))
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first (a folder a kill left half-deleted is not one)."""
+    return [p for p in _step_dirs(run_dir) if is_complete_checkpoint(p)]
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path:
@@ -134,11 +167,61 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path:
         path = Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{int(resume)}"
     else:
         path = Path(resume)
-    if not (path / "state.json").is_file():
+    if not is_complete_checkpoint(path):
         names = ", ".join(p.name for p in existing) or "none"
         raise DcustomError(f"resume: {str(path)!r} is not a checkpoint folder; accepted: 'latest', a step number "
                            f"or a checkpoints/step-N folder (this run has: {names}).")
     return path
+
+
+def finished_run(run_dir: Path) -> bool:
+    """True when `run_dir` holds a run that ended with its final files written."""
+    run_dir = Path(run_dir)
+    if any((run_dir / name).is_file() for name in FINISHED_MARKERS):
+        return True
+    events = run_dir / "events.jsonl"
+    if not events.is_file():
+        return False
+    for line in events.read_text(errors="replace").splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue  # a line cut by a kill
+        if not isinstance(e, dict):
+            continue
+        # The final save comes before the end event: a kill between them still leaves a finished run.
+        if (e.get("event") == "end" and e.get("status") == "finished") or (e.get("event") == "save" and not e.get("checkpoint")):
+            return True
+    return False
+
+
+def choose_run_dir(output_dir: str, resume: Optional[str], key: str = "train.output_dir") -> Path:
+    """The folder a run writes to: `output_dir`, or the next free `<output_dir>-N` when it holds a finished run
+    and this is no resume. Writes nothing (every rank decides before any rank creates a folder)."""
+    if Path(output_dir).is_file():
+        raise DcustomError(f"{key}: {output_dir!r} is a file, not a folder; accepted: a folder path (created if missing).")
+    run_dir = Path(output_dir)
+    if not resume and finished_run(run_dir):
+        base = run_dir if run_dir.name else run_dir.resolve()
+        n = 2
+        while base.with_name(f"{base.name}-{n}").exists():
+            n += 1
+        fresh = base.with_name(f"{base.name}-{n}")
+        log.warning("%s %r holds a finished run, which is never overwritten; this run writes to %r "
+                    "(set train.resume to continue that run instead).", key, str(run_dir), str(fresh))
+        run_dir = fresh
+    return run_dir
+
+
+def _check_outside_inputs(run_dir: Path, run_config) -> None:
+    """The image folder is only ever read: a run folder inside it would write into it."""
+    images = getattr(getattr(run_config, "data", None), "images", None)
+    if not images:
+        return
+    inputs, out = Path(images).resolve(), run_dir.resolve()
+    if out == inputs or inputs in out.parents:
+        raise DcustomError(f"train.output_dir: {str(run_dir)!r} is inside data.images {str(images)!r}, which dcustom never "
+                           "writes to; accepted: a run folder outside the image folder.")
 
 
 def _mixed_precision(name: str, device: str) -> str:
@@ -184,15 +267,42 @@ def _batch_indices(micro_index: int, batch_size: int, n_items: int, seed: int, r
 
 
 def _rng_state() -> dict:
+    """Every RNG the loop seeds, as JSON values: a checkpoint must never need unpickling."""
+    import base64
     import random
 
     import numpy as np
     import torch
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
+             "python": {"version": version, "internal": list(internal), "gauss_next": gauss},
+             "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode("ascii") for s in torch.cuda.get_rng_state_all()]
     return state
+
+
+def _parse_rng_state(state: dict) -> dict:
+    """JSON RNG state -> the objects torch, random and numpy take; KeyError/ValueError/TypeError on damage."""
+    import base64
+
+    import numpy as np
+    import torch
+
+    def tensor(text):
+        return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8)
+
+    py, npy = state["python"], state["numpy"]
+    out = {"torch": tensor(state["torch"]),
+           "python": (int(py["version"]), tuple(int(v) for v in py["internal"]), py["gauss_next"]),
+           "numpy": (str(npy["name"]), np.array(npy["keys"], dtype=np.uint32), int(npy["pos"]), int(npy["has_gauss"]),
+                     float(npy["cached_gaussian"]))}
+    if "cuda" in state:
+        out["cuda"] = [tensor(t) for t in state["cuda"]]
+    return out
 
 
 def _set_rng_state(state: dict) -> None:
@@ -208,11 +318,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _remove_folder(path: Path) -> None:
+    """Rename, then delete: a kill while deleting leaves a `.deleting` folder that is never listed as a checkpoint."""
+    trash = path.with_name(path.name + ".deleting")
+    shutil.rmtree(trash, ignore_errors=True)
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _save_checkpoint(run_dir: Path, step: int, method, params: dict, optimizer, scheduler, keep: int,
                      rng_states: list) -> Path:
     """Write checkpoints/step-N under a temp name, then rename: a crash never leaves half a checkpoint."""
-    import pickle
-
     import torch
     from safetensors.torch import save_file
 
@@ -222,42 +338,80 @@ def _save_checkpoint(run_dir: Path, step: int, method, params: dict, optimizer, 
     tmp.mkdir(parents=True)
     save_file({k: p.detach().float().cpu().contiguous() for k, p in params.items()}, str(tmp / "trainable.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    # RNG states hold Python tuples that weights_only loading refuses; we wrote them ourselves.
-    (tmp / "rng.pkl").write_bytes(pickle.dumps(rng_states))  # one state per rank
+    (tmp / RNG_FILE).write_text(json.dumps({"format": 1, "ranks": rng_states}))  # one state per rank
     extra = method.extra_state() if hasattr(method, "extra_state") else {}
     (tmp / "state.json").write_text(json.dumps({"step": step, "extra": extra}))
     method.save(tmp)
     if final.exists():
-        shutil.rmtree(final)
+        _remove_folder(final)
     tmp.rename(final)
+    for leftover in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*.deleting"):
+        shutil.rmtree(leftover, ignore_errors=True)  # from a kill during an earlier prune
+    complete = checkpoint_dirs(run_dir)
+    stale = [p for p in _step_dirs(run_dir) if p not in complete]  # half-deleted by an older dcustom
     if keep > 0:
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        stale += complete[:-keep]
+    for old in stale:
+        _remove_folder(old)
     return final
 
 
 def _load_checkpoint(path: Path, method, params: dict, optimizer, scheduler, rank: int = 0) -> int:
+    """Restore everything from checkpoint `path` (read and checked in full before anything changes)."""
     import pickle
 
     import torch
     from safetensors.torch import load_file
 
-    saved = load_file(str(path / "trainable.safetensors"))
+    where = f"resume: checkpoint {str(path)!r}"
+    if not (path / RNG_FILE).is_file():
+        raise DcustomError(f"{where} was written by an older dcustom that kept its RNG state as a pickle ({OLD_RNG_FILE}), "
+                           "which is never loaded because unpickling can run code; resume from a checkpoint written by "
+                           "this version or start the run again.")
+    try:
+        saved = load_file(str(path / "trainable.safetensors"))
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise DcustomError(f"{where}: trainable.safetensors is damaged ({_first_line(exc)}); resume from another checkpoint.") from None
+    try:
+        state = json.loads((path / "state.json").read_text())
+        step = int(state["step"])
+        rng_file = json.loads((path / RNG_FILE).read_text())
+        states = [_parse_rng_state(s) for s in rng_file["ranks"]]
+        rng = states[rank] if rank < len(states) else states[0]
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
+        raise DcustomError(f"{where}: state.json or {RNG_FILE} is damaged ({_first_line(exc)}); resume from another checkpoint.") from None
+    try:
+        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise DcustomError(f"{where}: optimizer.pt holds Python objects other than tensors, which dcustom never unpickles; "
+                           "resume from a checkpoint dcustom wrote.") from None
+    except Exception as exc:
+        raise DcustomError(f"{where}: optimizer.pt is damaged ({_first_line(exc)}); resume from another checkpoint.") from None
     missing = sorted(set(params) - set(saved))
     if missing:
         raise DcustomError(f"resume: checkpoint {str(path)!r} lacks trainable parameter {missing[0]!r}; it was made by a different method or config.")
+    wrong = [k for k, p in params.items() if tuple(saved[k].shape) != tuple(p.shape)]
+    if wrong:
+        raise DcustomError(f"{where}: trainable parameter {wrong[0]!r} has shape {list(saved[wrong[0]].shape)} there but "
+                           f"{list(params[wrong[0]].shape)} here; it was made by a different method or config.")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name].to(p.device, p.dtype))
-    opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(opt_state["optimizer"])
-    scheduler.load_state_dict(opt_state["scheduler"])
-    state = json.loads((path / "state.json").read_text())
+    try:
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
+        _set_rng_state(rng)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise DcustomError(f"{where}: its optimizer or RNG state does not fit this run ({_first_line(exc)}); it was "
+                           "made by a different method or config.") from None
     if hasattr(method, "load_extra_state"):
         method.load_extra_state(state.get("extra", {}))
-    states = pickle.loads((path / "rng.pkl").read_bytes())
-    _set_rng_state(states[rank] if rank < len(states) else states[0])
-    return int(state["step"])
+    return step
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _all_reduce_grads(accelerator, params: list) -> None:
@@ -289,13 +443,22 @@ def run_training(method, cfg: LoopConfig, run_config=None, on_event: Optional[Ca
 
     from dcustom.models import resolve_device
 
+    if dataclasses.is_dataclass(run_config):  # the Python API gets the checks a YAML file gets
+        check_values(run_config, "")
+    check_values(cfg, "train")
     device = resolve_device(cfg.device)
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision, device), cpu=device == "cpu")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    run_dir = Path(cfg.output_dir)
+    run_dir = choose_run_dir(cfg.output_dir, cfg.resume)
+    _check_outside_inputs(run_dir, run_config)
+    if str(run_dir) != cfg.output_dir:
+        old, cfg = cfg, dataclasses.replace(cfg, output_dir=str(run_dir))
+        if run_config is not None and getattr(run_config, "train", None) is old:
+            run_config = dataclasses.replace(run_config, train=cfg)  # config.yaml records where the run went
+    accelerator.wait_for_everyone()  # every rank has chosen the folder before any creates it
     is_main = accelerator.is_main_process
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        writable_folder(run_dir, "train.output_dir")  # before any model loads: a bad folder costs nothing
         (run_dir / "samples").mkdir(exist_ok=True)
         if run_config is not None:
             save_yaml(run_config, run_dir / "config.yaml")

@@ -38,7 +38,12 @@ def run_uce(cfg: ErasureTrainConfig, pipe=None) -> ErasureResult:
                                                     save_full_model, save_lora_file)
     from dcustom.trainers.erasure.uce import apply_uce, compute_uce
 
+    from dcustom.outputs import writable_folder
+    from dcustom.trainers.loop import choose_run_dir
+
     start = time.perf_counter()
+    # Before the model loads: a folder that cannot be written costs nothing, a finished run is never overwritten.
+    out = writable_folder(choose_run_dir(cfg.train.output_dir, None), "train.output_dir")
     if pipe is None:
         pipe = load_pipeline(cfg.model, dtype=cfg.dtype, device=cfg.train.device)
     anchors = [cfg.anchor_for(i) for i in range(len(cfg.erase))]
@@ -46,8 +51,6 @@ def run_uce(cfg: ErasureTrainConfig, pipe=None) -> ErasureResult:
     edit = compute_uce(pipe, list(cfg.erase), anchors, list(cfg.preserve), list(cfg.templates), lam=u.lam,
                        erase_scale=u.erase_scale, preserve_scale=u.preserve_scale, tokens=u.tokens,
                        preserve_empty_prompt=u.preserve_empty_prompt, max_rank=u.max_rank)
-    out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "config.yaml")
     info = {"solve_seconds": round(edit.seconds, 4), "rank": edit.rank, "dropped_energy": edit.dropped_energy,
             "edited_modules": len(edit.modules), **edit.info}
