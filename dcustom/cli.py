@@ -1,14 +1,57 @@
-"""`dcustom` command line. Heavy imports (torch, diffusers, gradio) happen inside commands."""
+"""`dcustom` command line. Heavy imports (torch, diffusers, gradio) happen inside commands.
+
+Errors reach the user as one line (`error: ...`, exit code 2 for bad input, 1 for anything unexpected);
+the traceback is printed only with `dcustom --debug ...`.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from dcustom.errors import DcustomError
+
+
+def _usage_exceptions() -> tuple:
+    """Exits and usage errors the commands and the argument parser raise on purpose (typer vendors click
+    from 0.29 on, and re-exports its exceptions' base as TyperException)."""
+    kinds = [typer.Exit, typer.Abort, getattr(typer, "TyperException", None)]
+    try:
+        import click
+
+        kinds += [click.exceptions.Exit, click.ClickException, click.exceptions.Abort]
+    except ImportError:
+        pass
+    return tuple(k for k in kinds if k is not None)
+
+
+class OneLineErrors(TyperGroup):
+    """Every error of every sub-command becomes one line on stderr; `--debug` lets the traceback through."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _usage_exceptions():
+            raise
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            typer.secho(f"error: {error_line(exc)}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2 if isinstance(exc, DcustomError) else 1) from None
+
+
+def error_line(exc: BaseException) -> str:
+    if isinstance(exc, DcustomError):
+        return str(exc)
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return (f"unexpected {type(exc).__name__}{': ' + text if text else ''} (not a known kind of bad input; "
+            "run again with --debug for the traceback and report it).")
+
 
 app = typer.Typer(
     help="dcustom: customize text-to-image diffusion models (LoRA/OFT/BOFT, textual inversion, "
@@ -16,6 +59,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineErrors,
 )
 config_app = typer.Typer(help="Print and check YAML configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
@@ -30,6 +74,24 @@ app.add_typer(__import__("dcustom.commands.adapters", fromlist=["app"]).app, nam
 app.command("style")(__import__("dcustom.commands.style", fromlist=["style"]).style)  # training-free style transfer
 
 SET_HELP = "Dotted override, e.g. --set optimizer.lr=1e-4 (repeatable)."
+
+
+@app.callback()
+def _global_options(debug: bool = typer.Option(False, "--debug", help="Print the full traceback of an error.")):
+    show_messages()
+
+
+def show_messages() -> None:
+    """dcustom's own notes (images used and skipped, a renamed run folder, a truncated prompt) go to stderr."""
+    logger = logging.getLogger("dcustom")
+    for handler in [h for h in logger.handlers if getattr(h, "dcustom_cli", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)  # the stderr of this invocation (tests swap it)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.dcustom_cli = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logging.getLogger("dcustom.train").setLevel(logging.INFO)
 
 
 def fail(message: str) -> None:
@@ -74,9 +136,11 @@ def generate(
     from dcustom.generate import generate as run_generate
     from dcustom.generate import load_style_reference
     from dcustom.models import load_pipeline
+    from dcustom.outputs import writable_folder
     from dcustom.progress import step_progress
 
     try:
+        writable_folder(cfg.output_dir, "output_dir")  # before the model loads and anything is sampled
         load_style_reference(cfg)  # a bad image path fails before the model loads
         typer.echo(f"loading {cfg.model} ...", err=True)
         pipe = load_pipeline(cfg.model, dtype=cfg.dtype, device=cfg.device, config=cfg.model_config)
@@ -172,9 +236,11 @@ def main():
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app()
-    except DcustomError as exc:  # errors raised outside a command's own handling
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+    except Exception as exc:  # raised outside a command (OneLineErrors handles those inside)
+        if "--debug" in sys.argv[1:]:
+            raise
+        typer.secho(f"error: {error_line(exc)}", fg=typer.colors.RED, err=True)
+        sys.exit(2 if isinstance(exc, DcustomError) else 1)
 
 
 if __name__ == "__main__":

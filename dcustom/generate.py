@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from pathlib import Path
 from typing import Callable, Optional
 
 from dcustom.generate_config import GenerateConfig
+
+log = logging.getLogger("dcustom.generate")
 
 SCHEDULER_CLASSES = {
     "ddim": ("DDIMScheduler", {}),
@@ -53,6 +56,31 @@ def load_style_reference(cfg: GenerateConfig):
     from dcustom.pipelines.images import read_image
 
     return read_image(cfg.style_ref, "style reference image (style_ref)")
+
+
+def prompt_overflow(pipe, text: str) -> Optional[tuple[int, int]]:
+    """(tokens, limit) when `text` is longer than the text encoder's window (which silently cuts it), else None.
+
+    Counts as the pipeline will: textual-inversion tokens expanded, start and end tokens included."""
+    tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    if tokenizer is None or not text:
+        return None
+    if hasattr(pipe, "maybe_convert_prompt"):
+        text = pipe.maybe_convert_prompt(text, tokenizer)
+    count = len(tokenizer(text, truncation=False).input_ids)
+    limit = tokenizer.model_max_length
+    return (count, limit) if count > limit else None
+
+
+def warn_long_prompt(pipe, text: str, what: str) -> Optional[str]:
+    """Say once that `text` will be truncated (the pipeline's own note is silenced with the library chatter)."""
+    over = prompt_overflow(pipe, text)
+    if over is None:
+        return None
+    message = (f"{what} has {over[0]:,} tokens but the text encoder reads only the first {over[1]} (start and end "
+               "included); the rest is ignored, so shorten it or put what matters first.")
+    log.warning(message)
+    return message
 
 
 def file_sha256(path) -> str:
@@ -114,7 +142,9 @@ def generate(cfg: GenerateConfig, pipe=None, on_step: Optional[Callable[[int, in
     (`generate_with_style_reference`); `cache` (an InversionCache) keeps its inversion for later calls.
     """
     from dcustom.models import load_pipeline
+    from dcustom.outputs import writable_folder
 
+    out = writable_folder(cfg.output_dir, "output_dir")  # before the model loads and any image is sampled
     style = load_style_reference(cfg)  # before the (slow) model load
     if pipe is None:
         pipe = load_pipeline(cfg.model, dtype=cfg.dtype, device=cfg.device, config=cfg.model_config)
@@ -124,6 +154,8 @@ def generate(cfg: GenerateConfig, pipe=None, on_step: Optional[Callable[[int, in
         from dcustom.adapters.load import apply_adapters
 
         apply_adapters(pipe, cfg.adapters)
+    warn_long_prompt(pipe, cfg.prompt, "prompt")
+    warn_long_prompt(pipe, cfg.negative_prompt, "negative_prompt")
     base_seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31 - cfg.count)
     seeds = [base_seed + i for i in range(cfg.count)]
     reference = None
@@ -138,8 +170,7 @@ def generate(cfg: GenerateConfig, pipe=None, on_step: Optional[Callable[[int, in
             height=cfg.height, width=cfg.width, cache=cache, on_step=on_step)
         images = result.images
         reference = {"image": str(cfg.style_ref), "sha256": file_sha256(cfg.style_ref), **result.settings}
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # again: it may have been removed while sampling
     index = _next_index(out)
     paths = []
     for i, (image, seed) in enumerate(zip(images, seeds)):

@@ -16,6 +16,18 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _check_out(out: str) -> None:
+    """Before any work: --out must be new (a finished file is never overwritten) and its folder writable."""
+    from pathlib import Path
+
+    from dcustom.outputs import writable_folder
+
+    if Path(out).exists():
+        raise DcustomError(f"--out {out!r} already exists, and dcustom never overwrites a finished file or folder; "
+                           "accepted: a new name (or remove the old one first).")
+    writable_folder(Path(out).parent, "--out")
+
+
 @app.command()
 def inspect(path: str = typer.Argument(..., help="Adapter file or folder (a run folder works too).")):
     """Format, method, base family, rank/alpha and size of an adapter."""
@@ -37,6 +49,7 @@ def convert(path: str = typer.Argument(..., help="A LoRA file or run folder."),
     from dcustom.adapters.convert import convert_lora
 
     try:
+        _check_out(out)
         typer.echo(str(convert_lora(path, to, out)))
     except DcustomError as exc:
         _fail(str(exc))
@@ -51,6 +64,7 @@ def merge(model: str = typer.Option(..., "--model", "-m", help="Base model spec.
     from dcustom.adapters.convert import merge_into_model
 
     try:
+        _check_out(out)
         typer.echo(str(merge_into_model(model, list(adapter), out, dtype)))
     except DcustomError as exc:
         _fail(str(exc))
@@ -65,6 +79,7 @@ def extract(model: str = typer.Option(..., "--model", "-m", help="Base model the
     from dcustom.adapters.convert import extract_lora
 
     try:
+        _check_out(out)
         path, rel = extract_lora(model, adapter, rank, out)
     except DcustomError as exc:
         _fail(str(exc))

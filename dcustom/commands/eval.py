@@ -32,6 +32,13 @@ def base(
     except ValueError:
         typer.secho(f"error: --seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2,3.", fg="red", err=True)
         raise typer.Exit(2)
+    from dcustom.outputs import writable_folder
+
+    try:
+        writable_folder(output_dir, "--output-dir")  # before any model loads
+    except DcustomError as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        raise typer.Exit(2)
     if bars:
         _check_bars(model, seed_list, device, dtype, output_dir, list(prompt) or None)
         return

@@ -45,6 +45,9 @@ def erasure(
         from dcustom.trainers.erasure.evaluate import concept_head, evaluate_erasure, load_pipelines
 
         concept_head(concept)  # a bad concept fails before any model loads
+        from dcustom.outputs import writable_folder
+
+        writable_folder(output_dir, "--output-dir")  # so does a folder that cannot be written
         base, erased_pipe = load_pipelines(model, erased, device=device, dtype=dtype)
         report = evaluate_erasure(base, erased_pipe, concept, seeds=seed_list, steps=steps, guidance=guidance,
                                   per_group=per_group, preservation=preservation, neighbours=_csv(neighbours) or None,

@@ -42,6 +42,7 @@ def style(
         cfg = load_config(spec.config_class(), config, overrides=list(set_) + overrides_as_yaml_strings(flags))
         if cfg.method != method:
             raise DcustomError(f"{config}: method {cfg.method!r} does not match --method {method!r}.")
+        cfg.output = str(_free_output(cfg.output))
     except DcustomError as exc:
         fail(str(exc))
     from dcustom.progress import step_progress
@@ -53,3 +54,21 @@ def style(
         fail(str(exc))
     typer.echo(path)
     typer.echo(str(Path(path).with_name(Path(path).stem + "-grid.png")))
+
+
+def _free_output(output: str) -> Path:
+    """Before any work: the result's folder must be writable, and an earlier result is never overwritten
+    (the next free name, result-2.png, is used instead, as generate numbers its images)."""
+    from dcustom.errors import DcustomError
+    from dcustom.outputs import writable_folder
+
+    out = Path(output)
+    if out.is_dir():
+        raise DcustomError(f"output: {output!r} is a folder; accepted: a .png file path such as {str(out / 'result.png')!r}.")
+    writable_folder(out.parent, "output")
+    free, n = out, 2
+    while free.exists() or free.with_name(free.stem + "-grid.png").exists():  # the grid beside it must be free too
+        free, n = out.with_name(f"{out.stem}-{n}{out.suffix}"), n + 1
+    if free != out:
+        typer.echo(f"{output} exists; writing {free} (results are never overwritten)", err=True)
+    return free
