@@ -1,9 +1,10 @@
 """Training images: validation up front, captions, aspect buckets, flips, latent/text caching.
 
 Every file in the image folder is checked before training; bad ones are skipped with a listed
-reason (unreadable, not an image, truncated, animated, too small) and convertible ones are
-converted in memory (CMYK, 16-bit, alpha, palette, EXIF orientation). Nothing in the folder is
-ever written to. Config classes here are torch-free.
+reason (unreadable, not an image, truncated, animated, too small, more than MAX_PIXELS pixels,
+a caption that is not UTF-8 text) and convertible ones are converted in memory (CMYK, 16-bit,
+alpha, palette, EXIF orientation). Nothing in the folder is ever written to. Config classes here
+are torch-free.
 """
 
 from __future__ import annotations
@@ -18,16 +19,19 @@ from dcustom.errors import DcustomError
 
 CAPTION_SUFFIX = ".txt"
 IGNORED_SUFFIXES = {CAPTION_SUFFIX, ".json", ".yaml", ".yml", ".md"}
+# Pixel count above which an image is skipped before it is decoded: 8192 x 8192 (67 MP) holds any camera's
+# photo, costs ~200 MB to decode, and stops small files that claim huge sizes (decompression bombs).
+MAX_PIXELS = 8192 * 8192
 
 
 @dataclass
 class PriorConfig:
     enabled: bool = opt(False, "DreamBooth prior preservation with generated class images.")
     class_prompt: str = opt("a photo of a dog", "Prompt for the class images (the subject's class, without the trigger word).")
-    num_images: int = opt(100, "Class images generated once and cached.")
-    loss_weight: float = opt(1.0, "Weight of the prior loss.")
+    num_images: int = opt(100, "Class images generated once and cached.", ge=1)
+    loss_weight: float = opt(1.0, "Weight of the prior loss.", ge=0)
     class_dir: Optional[str] = opt(None, "Folder of class images; null: a cache folder keyed by model, prompt and size.")
-    sample_steps: int = opt(30, "Sampling steps used to generate class images.")
+    sample_steps: int = opt(30, "Sampling steps used to generate class images.", ge=1)
 
 
 @dataclass
@@ -35,8 +39,8 @@ class DataConfig:
     images: str = opt("examples/subject", "Folder of training images (jpg/png/webp...), optional same-name .txt captions.")
     instance_prompt: str = opt("a photo of sks dog", "Caption for images without a .txt file; include the trigger word.")
     caption_prefix: str = opt("", "Text put before every .txt caption (e.g. the trigger word).")
-    resolution: Optional[int] = opt(None, "Training side length in pixels; null: the model's native size.")
-    min_size: Optional[int] = opt(None, "Images whose shorter side is below this are skipped; null: half the resolution.")
+    resolution: Optional[int] = opt(None, "Training side length in pixels; null: the model's native size.", ge=8, le=8192)
+    min_size: Optional[int] = opt(None, "Images whose shorter side is below this are skipped; null: half the resolution.", ge=1)
     buckets: bool = opt(True, "Aspect-ratio buckets (same area, multiples of the UNet stride) instead of square crops.")
     flip: bool = opt(True, "Random horizontal flips (cached as a second latent variant).")
     cache_latents: bool = opt(True, "Encode images with the VAE once instead of every step.")
@@ -56,28 +60,51 @@ class ImageRecord:
 class ScanReport:
     images: list  # ImageRecord
     skipped: list  # (path, reason)
+    folder: Optional[Path] = None
 
     def summary(self) -> str:
-        lines = [f"{len(self.images)} usable image(s), {len(self.skipped)} skipped"]
+        where = f" in {str(self.folder)!r}" if self.folder is not None else ""
+        lines = [f"{len(self.images)} usable image(s){where}, {len(self.skipped)} skipped"]
         lines += [f"  skipped {p.name}: {why}" for p, why in self.skipped]
+        lines += [f"  {r.path.name}: {'; '.join(r.notes)}" for r in self.images if r.notes]
         return "\n".join(lines)
 
 
-def open_rgb(path: Path):
-    """Open, fully decode and convert one image to 8-bit RGB; returns (image, notes) or raises ValueError(reason)."""
+class _Unusable(ValueError):
+    """A reason of our own for skipping an image (re-raised as is, never re-worded)."""
+
+
+def open_rgb(path: Path, max_pixels: int = MAX_PIXELS):
+    """Open, fully decode and convert one image to 8-bit RGB; returns (image, notes) or raises ValueError(reason).
+
+    The pixel count is checked from the header, before decoding: a tiny file may claim a huge image."""
+    import struct
+    import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     notes = []
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our lower cap applies below
+            opened = Image.open(path)
+        with opened as im:
+            if im.width * im.height > max_pixels:
+                raise _Unusable(f"too many pixels ({im.width}x{im.height}); images up to {max_pixels:,} pixels "
+                                f"({_side(max_pixels)}) are accepted")
             if getattr(im, "is_animated", False) and getattr(im, "n_frames", 1) > 1:
-                raise ValueError(f"animated image with {im.n_frames} frames; export one frame as PNG or JPEG")
+                raise _Unusable(f"animated image with {im.n_frames} frames; export one frame as PNG or JPEG")
             im.load()  # decoding here surfaces truncated files
             orientation = im.getexif().get(0x0112, 1)
             image = ImageOps.exif_transpose(im)
             if orientation not in (1, None):
                 notes.append(f"EXIF orientation {orientation} applied")
             image = _to_rgb(image, notes)
+    except _Unusable:
+        raise
+    except Image.DecompressionBombError:
+        raise ValueError(f"too many pixels (Pillow refuses it as a decompression bomb); images up to {max_pixels:,} "
+                         f"pixels ({_side(max_pixels)}) are accepted") from None
     except UnidentifiedImageError:
         raise ValueError("not an image file that Pillow can identify") from None
     except PermissionError:
@@ -86,8 +113,32 @@ def open_rgb(path: Path):
         text = str(exc)
         if "truncated" in text or "broken" in text or "cannot identify" in text or isinstance(exc, SyntaxError):
             raise ValueError(f"truncated or corrupt image data ({text})") from None
-        raise ValueError(f"unreadable ({text})") from None
+        raise ValueError(f"unreadable ({exc.strerror or text})") from None
+    except (ValueError, TypeError, IndexError, KeyError, struct.error, MemoryError) as exc:
+        # Malformed headers surface as all sorts of errors inside Pillow's decoders.
+        raise ValueError(f"truncated or corrupt image data ({type(exc).__name__}: {str(exc)[:120]})") from None
     return image, notes
+
+
+def _side(pixels: int) -> str:
+    side = int(pixels ** 0.5)
+    return f"{side}x{side}" if side * side == pixels else f"{pixels:,} pixels"
+
+
+def read_caption(path: Path) -> str:
+    """The text of a caption file, or ValueError(reason) when it is not UTF-8 text."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"its caption {path.name} is unreadable ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"its caption {path.name} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                         "save it as UTF-8") from None
+    if "\x00" in text:
+        raise ValueError(f"its caption {path.name} holds binary data, not text")
+    return text.strip()
 
 
 def _to_rgb(image, notes: list):
@@ -124,26 +175,36 @@ def scan_images(folder, instance_prompt: str, min_size: int, caption_prefix: str
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.is_dir() or path.suffix.lower() in IGNORED_SUFFIXES:
             continue
+        if not path.is_file():  # a FIFO would block the read forever; a dangling link cannot be read
+            skipped.append((path, "a link to nothing" if path.is_symlink() else "not a regular file"))
+            continue
         try:
             image, notes = open_rgb(path)
+            caption = _caption_for(path, instance_prompt, caption_prefix, notes)
         except ValueError as exc:
             skipped.append((path, str(exc)))
             continue
         if min(image.size) < min_size:
             skipped.append((path, f"too small ({image.width}x{image.height}); the shorter side must be at least {min_size} px"))
             continue
-        caption_file = path.with_suffix(CAPTION_SUFFIX)
-        if caption_file.is_file():
-            caption = (caption_prefix + " " + caption_file.read_text(errors="replace").strip()).strip()
-        else:
-            caption = instance_prompt
         images.append(ImageRecord(path, caption, image.size, notes))
     if not images:
         reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped[:5]) or "the folder has no image files"
         raise DcustomError(f"data.images: no usable training image in {str(folder)!r} ({reasons}); "
                            "accepted: RGB/greyscale/CMYK/16-bit PNG, JPEG, WebP, BMP or TIFF files of at least "
-                           f"{min_size} px on the shorter side.")
-    return ScanReport(images, skipped)
+                           f"{min_size} px on the shorter side and at most {MAX_PIXELS:,} pixels.")
+    return ScanReport(images, skipped, folder)
+
+
+def _caption_for(path: Path, instance_prompt: str, caption_prefix: str, notes: list) -> str:
+    caption_file = path.with_suffix(CAPTION_SUFFIX)
+    if not caption_file.is_file():
+        return instance_prompt
+    text = read_caption(caption_file)
+    if not text:  # an empty caption would train the subject on an unconditional prompt
+        notes.append(f"caption {caption_file.name} is empty: data.instance_prompt used")
+        return instance_prompt
+    return (caption_prefix + " " + text).strip()
 
 
 def make_buckets(resolution: int, multiple: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:

@@ -62,7 +62,7 @@ class AdapterMethod:
     def __init__(self, cfg: AdapterTrainConfig, pipe=None):
         self.cfg = cfg
         self.pipe = pipe
-        self.skipped = []
+        self.skipped, self.used = [], []
 
     # --- loop interface -------------------------------------------------------------------
     def _load_frozen_pipeline(self, ctx: LoopContext):
@@ -241,15 +241,27 @@ class AdapterMethod:
             raise DcustomError(f"data.resolution: {res} is not a multiple of {stride} (this model's UNet stride).")
         min_size = data.min_size if data.min_size is not None else res // 2
         report = scan_images(data.images, data.instance_prompt, min_size, data.caption_prefix)
-        self.skipped = report.skipped
+        self.skipped, self.used = report.skipped, report.images
         for path, why in report.skipped:
             log.warning("skipped %s: %s", path.name, why)
+        log.info("training on %d image(s) from %r (%d skipped)", len(report.images), str(data.images), len(report.skipped))
+        self._warn_long_captions(report.images)
         buckets = make_buckets(res, stride) if data.buckets else [(res, res)]
         out = []
         for rec in report.images:
             image, _ = open_rgb(rec.path)
             out.append(self._example(image, rec.caption, nearest_bucket(image.size, buckets)))
         return out
+
+    def _warn_long_captions(self, records) -> None:
+        """Once per run: captions the text encoder will cut (it does so silently)."""
+        from dcustom.generate import prompt_overflow
+
+        long = [(r, over) for r in records for over in [prompt_overflow(self.pipe, r.caption)] if over]
+        if long:
+            (first, (count, limit)) = long[0]
+            log.warning("%d caption(s) are longer than the text encoder's %d tokens (e.g. %s: %d tokens); the rest "
+                        "of each is ignored.", len(long), limit, first.path.name, count)
 
     def _prepare_class_examples(self):
         prior = self.cfg.data.prior
@@ -373,6 +385,7 @@ def train(cfg: AdapterTrainConfig, pipe=None, on_event=None, should_stop=None, p
 def run(cfg: AdapterTrainConfig):
     """Registry entry point (`dcustom train lora|oft|boft`)."""
     result = train(cfg)
+    print(f"used {len(result.method.used)} image(s) from {cfg.data.images}")
     for path, why in result.method.skipped:
         print(f"skipped {path}: {why}")
     extraction = getattr(result.method, "extraction_error", None)

@@ -297,6 +297,7 @@ def train(cfg: TextualInversionTrainConfig, pipe=None, on_event=None, should_sto
 def run(cfg: TextualInversionTrainConfig):
     """Registry entry point (`dcustom train textual_inversion`)."""
     result = train(cfg)
+    print(f"used {len(result.method.used)} image(s) from {cfg.data.images}")
     for path, why in result.method.skipped:
         print(f"skipped {path}: {why}")
     return result
