@@ -43,6 +43,32 @@ def resolve_adapter(path) -> tuple[str, Path]:
     raise DcustomError(f"adapter {str(p)!r} does not exist.")
 
 
+# Key fragments of every adapter layout we read (diffusers/peft/kohya LoRA and DoRA, peft OFT/BOFT).
+ADAPTER_KEY_MARKS = ("lora_", "lora.", "dora_scale", "oft_", "boft_")
+NOT_AN_ADAPTER = ("accepted: a LoRA (diffusers or kohya keys), a peft OFT/BOFT folder, a dcustom run folder or a "
+                  "textual-inversion embedding")
+
+
+def file_kind(path: Path) -> str:
+    """'adapter', 'embedding' or 'unreadable' from a .safetensors file's key names (its header only); one
+    sentence for a readable file that is neither."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # damage: the readers that follow explain it in their own words
+        return "unreadable"
+    if any(mark in k for k in keys for mark in ADAPTER_KEY_MARKS):
+        return "adapter"
+    if len(keys) == 1 or {"clip_l", "clip_g"} <= set(keys):  # the embedding forms read_embedding accepts
+        return "embedding"
+    if not keys:
+        raise DcustomError(f"{str(path)!r} holds no tensors; {NOT_AN_ADAPTER}.")
+    raise DcustomError(f"{str(path)!r} is neither an adapter nor an embedding: none of its {len(keys)} tensors "
+                       f"(e.g. {sorted(keys)[0]!r}) has LoRA, OFT or BOFT keys; {NOT_AN_ADAPTER}.")
+
+
 def check_family(pipe, meta: dict, where: str) -> None:
     from dcustom.families import FAMILIES
     from dcustom.models import family_of
@@ -69,6 +95,8 @@ def load_adapter(pipe, path, scale: float = 1.0, name: str | None = None, fuse: 
     pivotal-tuning LoRA); an embedding alone returns its prompt word(s)."""
     from dcustom.adapters.embeddings import pending_for
 
+    if Path(path).is_file() and Path(path).suffix == ".safetensors":
+        file_kind(Path(path))  # a file that is neither adapter nor embedding gets its own sentence
     embeddings = pending_for(pipe, path)  # validated now, loaded after the adapter
     if embeddings is not None and not embeddings.has_adapter:
         return embeddings.apply(pipe)
@@ -187,6 +215,16 @@ def adapter_summary(path) -> dict:
     """What a file or folder holds: format, method, family, tensors, parameters, rank/alpha (for `inspect`)."""
     from safetensors import safe_open
 
+    from dcustom.adapters.embeddings import SUFFIXES, embedding_files, embedding_summary
+
+    p = Path(path)
+    if p.is_file() and (p.suffix in SUFFIXES[1:] or (p.suffix == ".safetensors" and file_kind(p) == "embedding")):
+        return embedding_summary(p)  # .pt/.bin are read with weights_only=True there
+    if p.is_dir() and embedding_files(p):
+        try:
+            resolve_adapter(p)
+        except DcustomError:
+            return embedding_summary(p)  # a textual-inversion run folder without an adapter beside it
     kind, target = resolve_adapter(path)
     weights_file = target if kind == "lora" else target / PEFT_WEIGHTS
     meta = read_metadata(weights_file)
