@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,27 +21,43 @@ class UploadLimits:
 
 
 def check_image_file(path: str | Path, limits: UploadLimits, what: str = "upload") -> None:
-    """Raise one clear sentence unless `path` is a readable still image within the limits."""
+    """Raise one clear sentence unless `path` is a complete, still image within the limits.
+
+    Size and pixel count are read from the header before anything is decoded (a decompression bomb never is);
+    then the image is decoded once, so a truncated file is refused here and not skipped later in training."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     name = path.name
     size = path.stat().st_size
+    accepted = f"accepted: {', '.join(sorted(IMAGE_FORMATS))} files"
+    if size == 0:
+        raise DcustomError(f"{what} {name!r}: is empty (0 bytes); {accepted}.")
     if size > limits.max_bytes:
         raise DcustomError(f"{what} {name!r}: is {size / 2**20:.1f} MiB; files up to {limits.max_bytes / 2**20:.0f} MiB are accepted.")
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit applies
+            opened = Image.open(path)
+        with opened as image:
             fmt, (width, height) = image.format, image.size
             if width * height > limits.max_pixels:
                 raise DcustomError(f"{what} {name!r}: has {width}x{height} pixels; images up to "
                                    f"{limits.max_pixels:,} pixels are accepted.")
-            image.verify()  # header-level check without decoding (a decompression bomb never decodes)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise DcustomError(f"{what} {name!r}: is not an image; accepted: {', '.join(sorted(IMAGE_FORMATS))} files.") from None
+            if fmt not in IMAGE_FORMATS:
+                raise DcustomError(f"{what} {name!r}: is a {fmt} file; {accepted}.")
+            frames = getattr(image, "n_frames", 1)
+            if getattr(image, "is_animated", False) and frames > 1:
+                raise DcustomError(f"{what} {name!r}: is animated ({frames} frames); accepted: still images (export one frame).")
+            image.load()
+    except UnidentifiedImageError:
+        raise DcustomError(f"{what} {name!r}: is not an image; {accepted}.") from None
     except Image.DecompressionBombError:
         raise DcustomError(f"{what} {name!r}: has too many pixels; images up to {limits.max_pixels:,} pixels are accepted.") from None
-    if fmt not in IMAGE_FORMATS:
-        raise DcustomError(f"{what} {name!r}: is a {fmt} file; accepted: {', '.join(sorted(IMAGE_FORMATS))}.")
+    except (OSError, SyntaxError, ValueError, struct.error, IndexError, MemoryError):
+        raise DcustomError(f"{what} {name!r}: is truncated or corrupt; {accepted} that open in an image viewer.") from None
 
 
 def store_images(files: list, dest: Path, limits: UploadLimits, what: str = "upload") -> list[Path]:
