@@ -43,6 +43,8 @@ class OneLineErrors(TyperGroup):
                 raise
             typer.secho(f"error: {error_line(exc)}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2 if isinstance(exc, DcustomError) else 1) from None
+        finally:
+            _drop_message_handlers()  # in-process callers (tests, the app) keep no handler on a closed stream
 
 
 def error_line(exc: BaseException) -> str:
@@ -84,14 +86,19 @@ def _global_options(debug: bool = typer.Option(False, "--debug", help="Print the
 def show_messages() -> None:
     """dcustom's own notes (images used and skipped, a renamed run folder, a truncated prompt) go to stderr."""
     logger = logging.getLogger("dcustom")
-    for handler in [h for h in logger.handlers if getattr(h, "dcustom_cli", False)]:
-        logger.removeHandler(handler)
+    _drop_message_handlers()
     handler = logging.StreamHandler(sys.stderr)  # the stderr of this invocation (tests swap it)
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler.dcustom_cli = True
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING)
     logging.getLogger("dcustom.train").setLevel(logging.INFO)
+
+
+def _drop_message_handlers() -> None:
+    logger = logging.getLogger("dcustom")
+    for handler in [h for h in logger.handlers if getattr(h, "dcustom_cli", False)]:
+        logger.removeHandler(handler)
 
 
 def fail(message: str) -> None:
