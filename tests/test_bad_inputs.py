@@ -324,7 +324,7 @@ BAD_VALUES = [
     ("train.lr", -0.001, "train.lr: -0.001 is not valid; accepted: a number > 0."),
     ("train.steps", 0, "train.steps: 0 is not valid; accepted: an integer >= 1."),
     ("train.batch_size", 0, "train.batch_size: 0 is not valid; accepted: an integer >= 1."),
-    ("train.seed", -5, "train.seed: -5 is not valid; accepted: an integer >= 0 and < 4294966272."),
+    ("train.seed", -5, "train.seed: -5 is not valid; accepted: an integer >= 0 and <= 2147483647."),
     ("train.keep_checkpoints", -1, "train.keep_checkpoints: -1 is not valid; accepted: an integer >= 0."),
     ("train.lr_scheduler", "wavy", "train.lr_scheduler: 'wavy' is not known; accepted: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial."),
     ("train.mixed_precision", "fp8", "train.mixed_precision: 'fp8' is not known; accepted: auto, no, fp16, bf16."),

@@ -84,7 +84,7 @@ class LoopConfig:
     max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 disables).", ge=0)
     mixed_precision: str = opt("auto", "auto (bf16 on CUDA if supported, else none), no, fp16, bf16. Trainable weights stay fp32.",
                                choices=("auto", "no", "fp16", "bf16"))
-    seed: int = opt(0, "Seed of data order, noise and initialisation.", ge=0, lt=2**32 - 1024)
+    seed: int = opt(0, "Seed of data order, noise and initialisation.", ge=0, le=2**31 - 1)
     gradient_checkpointing: bool = opt(False, "Trade compute for memory (about half the speed).")
     checkpoint_every: int = opt(250, "Save a resumable checkpoint every N steps (0: only when stopped).", ge=0)
     keep_checkpoints: int = opt(2, "Checkpoints kept (oldest removed first; 0 keeps all).", ge=0)
