@@ -169,3 +169,29 @@ def test_input_axis_dora_scale_is_refused(dora_run, tmp_path):
     save_file(tensors, str(tmp_path / "input_axis.safetensors"))
     with pytest.raises(DcustomError, match=r"decomposes the input axis \(LyCORIS default, A1111\); peft DoRA needs the output axis"):
         load_adapter(load_pipeline("tiny:sd15", device="cpu"), tmp_path / "input_axis.safetensors")
+
+
+# --- issue 19: the text-encoder alpha ----------------------------------------------------
+@pytest.mark.parametrize("te_alpha,expected", [(None, 6.0), (1.5, 1.5)])
+def test_text_encoder_lora_uses_the_configured_alpha(runs, tmp_path, te_alpha, expected):
+    """The text-encoder LoRA's alpha is text_encoder_alpha, else alpha; never silently its rank (was forced to it)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from dcustom.adapters.files import read_metadata
+
+    root = runs[0]
+    data = DataConfig(images=str(root / "imgs"), instance_prompt=PROMPT, resolution=32)
+    result = train(LoraTrainConfig(model="tiny:sd15", data=data, rank=4, alpha=6.0, text_encoder_lora=True,
+                                   text_encoder_rank=2, text_encoder_alpha=te_alpha, validation_prompts=[],
+                                   train=LoopConfig(output_dir=str(tmp_path), steps=1, lr=2e-2, device="cpu",
+                                                    checkpoint_every=0)), progress=False)
+    assert result.method.pipe.text_encoder.peft_config["default"].lora_alpha == expected
+    kohya = load_file(str(tmp_path / "lora_kohya.safetensors"))
+    assert {v.item() for k, v in kohya.items() if k.startswith("lora_te_") and k.endswith(".alpha")} == {expected}
+    assert {v.item() for k, v in kohya.items() if k.startswith("lora_unet_") and k.endswith(".alpha")} == {6.0}
+    meta = read_metadata(tmp_path / "pytorch_lora_weights.safetensors")
+    assert json.loads(meta["lora_adapter_metadata"])["text_encoder.lora_alpha"] == expected
+    assert json.loads(meta["dcustom.config"])["text_encoder_alpha"] == te_alpha
+

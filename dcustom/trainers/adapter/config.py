@@ -41,6 +41,7 @@ class LoraTrainConfig(AdapterTrainConfig):
     dora: bool = opt(False, "DoRA: weight-decomposed LoRA (learns a per-output magnitude).")
     text_encoder_lora: bool = opt(False, "Also train LoRA on the text encoder(s) (disables text caching).")
     text_encoder_rank: int = opt(8, "Rank of the text-encoder LoRA.", ge=1)
+    text_encoder_alpha: Optional[float] = opt(None, "Alpha of the text-encoder LoRA (its update is scaled by alpha / text_encoder_rank); null: the same as alpha.")
     write_kohya: bool = opt(True, "Also write lora_kohya.safetensors (A1111/Forge/ComfyUI keys, true per-module alpha).")
 
 

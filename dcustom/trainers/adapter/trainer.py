@@ -58,6 +58,11 @@ def peft_config_for(cfg: AdapterTrainConfig):
     raise DcustomError(f"method {cfg.method!r} is not an adapter method; accepted: lora, oft, boft.")
 
 
+def text_encoder_alpha(cfg) -> float:
+    """The text-encoder LoRA's alpha: text_encoder_alpha when set, else the configured alpha (never silently the rank)."""
+    return float(cfg.alpha if cfg.text_encoder_alpha is None else cfg.text_encoder_alpha)
+
+
 class AdapterMethod:
     def __init__(self, cfg: AdapterTrainConfig, pipe=None):
         self.cfg = cfg
@@ -111,7 +116,7 @@ class AdapterMethod:
             from peft import LoraConfig
 
             for te in self.text_encoders:
-                te.add_adapter(LoraConfig(r=cfg.text_encoder_rank, lora_alpha=cfg.text_encoder_rank,
+                te.add_adapter(LoraConfig(r=cfg.text_encoder_rank, lora_alpha=text_encoder_alpha(cfg),
                                           init_lora_weights="gaussian", target_modules=TE_TARGETS))
         # Frozen weights in the compute dtype; the loop keeps trainable (adapter) weights in fp32.
         for module in [pipe.unet, *self.text_encoders]:
