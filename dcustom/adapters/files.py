@@ -63,16 +63,67 @@ def save_diffusers_lora(folder: Path, pipe, text_encoders: list[str], meta: dict
     from safetensors.torch import load_file
 
     kwargs = {"unet_lora_layers": convert_state_dict_to_diffusers(_peft_state(pipe.unet, adapter_name)),
-              "unet_lora_adapter_metadata": pipe.unet.peft_config[adapter_name].to_dict()}
+              "unet_lora_adapter_metadata": portable_lora_config(pipe.unet.peft_config[adapter_name])}
     for name in text_encoders:
         model = getattr(pipe, name)
-        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(_peft_state(model, adapter_name))
-        kwargs[f"{name}_lora_adapter_metadata"] = model.peft_config[adapter_name].to_dict()
+        state = convert_state_dict_to_diffusers(_peft_state(model, adapter_name))
+        kwargs[f"{name}_lora_layers"] = with_text_model_level(state) if _is_flat_clip(model) else state
+        kwargs[f"{name}_lora_adapter_metadata"] = portable_lora_config(model.peft_config[adapter_name])
     with tempfile.TemporaryDirectory() as tmp:
         type(pipe).save_lora_weights(tmp, **kwargs)
         written = Path(tmp) / DIFFUSERS_LORA_NAME
         tensors, theirs = load_file(str(written)), read_metadata(written)
     return save_tensors(tensors, Path(folder) / DIFFUSERS_LORA_NAME, {**theirs, **meta})
+
+
+# LoraConfig fields every peft diffusers supports knows (0.17 included); others are written only when not default.
+PORTABLE_LORA_FIELDS = ("r", "lora_alpha", "target_modules", "alpha_pattern", "rank_pattern", "use_dora", "use_rslora",
+                        "lora_dropout", "bias", "init_lora_weights", "fan_in_fan_out")
+BOOKKEEPING_FIELDS = ("peft_type", "task_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+                      "auto_mapping")
+
+
+def portable_lora_config(config) -> dict:
+    """The LoraConfig as diffusers stores it in the file (its `lora_adapter_metadata`), without the fields only the
+    peft version that wrote it knows: diffusers calls LoraConfig(**metadata), and an older peft (e.g. 0.17, common
+    with transformers 4) refuses unknown keyword arguments, so the whole file would fail to load."""
+    from peft import LoraConfig
+
+    full, default = config.to_dict(), LoraConfig().to_dict()
+    out = {}
+    for key, value in full.items():
+        if key in PORTABLE_LORA_FIELDS or (key not in BOOKKEEPING_FIELDS and value != default.get(key)):
+            out[key] = sorted(value) if isinstance(value, set) else value
+    return out
+
+
+CLIP_TOP_LEVELS = ("embeddings.", "encoder.", "final_layer_norm.")
+
+
+def _is_flat_clip(model) -> bool:
+    """transformers 5's CLIPTextModel: no `text_model.` level (transformers 4 and ...WithProjection keep it)."""
+    return type(model).__name__.startswith("CLIPText") and not hasattr(model, "text_model")
+
+
+def with_text_model_level(state: dict) -> dict:
+    """CLIP module keys in the canonical form every tool reads (`text_model.encoder.layers.N...`).
+
+    transformers 5 dropped the `text_model.` level from CLIPTextModel, so a file written from its module
+    names says `encoder.layers.N...`; diffusers with transformers 4 rejects that and ComfyUI maps none of it.
+    diffusers with transformers 5 strips the level again when loading."""
+    return {f"text_model.{k}" if k.startswith(CLIP_TOP_LEVELS) else k: v for k, v in state.items()}
+
+
+def canonical_diffusers_lora(tensors: dict) -> dict:
+    """A diffusers LoRA file's keys with the text encoders in the canonical `text_model.` form: reads files written
+    from transformers 5 module names (`text_encoder.encoder.layers.*`, as dcustom once did) and canonical ones alike."""
+    out = {}
+    for key, value in tensors.items():
+        component, dot, rest = key.partition(".")
+        if dot and component.startswith("text_encoder") and rest.startswith(CLIP_TOP_LEVELS):
+            key = f"{component}.text_model.{rest}"
+        out[key] = value
+    return out
 
 
 def kohya_module_name(prefix: str, module: str) -> str:

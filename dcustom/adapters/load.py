@@ -168,7 +168,33 @@ def _load_lora(pipe, file: Path, name: str) -> None:
                 raise DcustomError(f"adapter {str(file)!r}: its kohya DoRA keys do not convert for this "
                                    f"{family_of(pipe).label} pipeline ({str(exc).strip()[:200] or type(exc).__name__}).") from None
             return _load_lora_file(pipe, converted, name, shown=file)
+    if _has_flat_text_encoder_keys(file):
+        # written from transformers 5 module names (`text_encoder.encoder.layers.*`): diffusers with transformers 4
+        # rejects those, so load the canonical `text_model.` form, which every diffusers version reads
+        import tempfile
+
+        from safetensors.torch import load_file
+
+        from dcustom.adapters.files import canonical_diffusers_lora, save_tensors
+
+        with tempfile.TemporaryDirectory() as tmp:
+            fixed = save_tensors(canonical_diffusers_lora(load_file(str(file))), Path(tmp) / DIFFUSERS_LORA_NAME,
+                                 read_metadata(file))
+            return _load_lora_file(pipe, fixed, name, shown=file)
     _load_lora_file(pipe, file, name, shown=file)
+
+
+def _has_flat_text_encoder_keys(file: Path) -> bool:
+    from safetensors import safe_open
+
+    from dcustom.adapters.files import CLIP_TOP_LEVELS
+
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():
+            component, _, rest = key.partition(".")
+            if component.startswith("text_encoder") and rest.startswith(CLIP_TOP_LEVELS):
+                return True
+    return False
 
 
 def _load_lora_file(pipe, file: Path, name: str, shown: Path) -> None:
