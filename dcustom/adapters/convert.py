@@ -6,7 +6,15 @@ import json
 import re
 from pathlib import Path
 
-from dcustom.adapters.files import KOHYA_TE_PREFIX, dora_scale_from_magnitude, kohya_module_name, read_metadata, save_tensors
+from dcustom.adapters.files import (
+    DORA_FORM_COMFYUI,
+    DORA_FORM_KEY,
+    KOHYA_TE_PREFIX,
+    dora_scale_from_magnitude,
+    kohya_module_name,
+    read_metadata,
+    save_tensors,
+)
 from dcustom.adapters.load import load_adapter, parse_adapter_spec, resolve_adapter
 from dcustom.errors import DcustomError
 
@@ -75,8 +83,11 @@ def diffusers_to_kohya(src: Path, dst: Path) -> Path:
     return save_tensors(out, dst, {**keep, "dcustom.format": "kohya", "format": "pt"})
 
 
-def kohya_to_diffusers(src: Path, dst: Path, family: str | None = None) -> Path:
-    """Any LoRA diffusers reads (kohya/A1111 keys) -> diffusers file; per-module alpha folded into the up weights."""
+def kohya_to_diffusers(src: Path, dst: Path, family: str | None = None, pipe=None) -> Path:
+    """Any LoRA diffusers reads (kohya/A1111 keys) -> diffusers file; per-module alpha folded into the up weights.
+
+    A DoRA file written for ComfyUI (header `dcustom.dora_scale: comfyui`) needs the base weights to recover
+    peft's magnitudes: pass `pipe` (the base pipeline, as the adapter will be applied to it)."""
     import tempfile
 
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -101,7 +112,11 @@ def kohya_to_diffusers(src: Path, dst: Path, family: str | None = None) -> Path:
         component, rest = key.split(".", 1)
         groups.setdefault(component, {})[rest] = value
     if any(k.endswith(".dora_scale") for k in raw):
-        groups = _with_dora_magnitudes(groups, raw, cls, str(src))
+        comfyui_form = meta.get(DORA_FORM_KEY) == DORA_FORM_COMFYUI
+        if comfyui_form and pipe is None:
+            raise DcustomError(f"{str(src)!r} holds DoRA magnitudes in ComfyUI's form, which depend on the base weights; "
+                               "give the base model (--model) to convert it.")
+        groups = _with_dora_magnitudes(groups, raw, cls, str(src), pipe if comfyui_form else None)
     kwargs = {f"{c}_lora_layers": sd for c, sd in groups.items()}
     with tempfile.TemporaryDirectory() as tmp:
         cls.save_lora_weights(tmp, **kwargs)
@@ -150,12 +165,13 @@ def _peft_module_path(cls, kohya_name: str, raw: dict) -> tuple[str, str]:
     return component, peft_key[: -len(".lora_A.weight")]
 
 
-def _with_dora_magnitudes(groups: dict, raw: dict, cls, where: str) -> dict:
+def _with_dora_magnitudes(groups: dict, raw: dict, cls, where: str, pipe=None) -> dict:
     """diffusers drops `dora_scale` from kohya files (SD/SDXL loaders), so re-attach each magnitude as peft's
-    `lora_magnitude_vector`, in the same key form our own diffusers DoRA files have."""
+    `lora_magnitude_vector`, in the same key form our own diffusers DoRA files have. With `pipe`, the scales are
+    in ComfyUI's form and are turned back into peft magnitudes with the pipeline's base weights."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
-    from dcustom.adapters.files import magnitude_from_dora_scale
+    from dcustom.adapters.files import magnitude_from_comfyui_dora_scale, magnitude_from_dora_scale
 
     peft_groups = {c: (convert_unet_state_dict_to_peft if c == "unet" else convert_state_dict_to_peft)(dict(sd))
                    for c, sd in groups.items()}
@@ -167,22 +183,99 @@ def _with_dora_magnitudes(groups: dict, raw: dict, cls, where: str) -> dict:
             if f"{name}.lora_down.weight" not in raw:
                 raise DcustomError(f"{where}: {key!r} has no {name}.lora_down.weight beside it; accepted: DoRA on LoRA modules.")
             component, module = _peft_module_path(cls, name, raw)
-            peft_groups[component][f"{module}.lora_magnitude_vector"] = magnitude_from_dora_scale(scale, where)
+            if pipe is None:
+                magnitude = magnitude_from_dora_scale(scale, where)
+            else:
+                magnitude = magnitude_from_comfyui_dora_scale(scale, _base_weight(pipe, component, module, where),
+                                                              _kohya_delta(raw, name))
+            peft_groups[component][f"{module}.lora_magnitude_vector"] = magnitude
     return {c: convert_state_dict_to_diffusers(sd) for c, sd in peft_groups.items()}
 
 
-def convert_lora(src, to: str, dst) -> Path:
+def _base_weight(pipe, component: str, module: str, where: str):
+    """The base (un-adapted) weight of `module` in a pipeline component, under any peft layers already loaded."""
+    model = getattr(pipe, component)
+    try:
+        layer = model.get_submodule(module)
+    except AttributeError:
+        raise DcustomError(f"{where}: module {module!r} of its {component} is not in this pipeline; made for another model.") from None
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    return base.weight.detach()
+
+
+def _kohya_delta(raw: dict, name: str):
+    """(alpha / rank) * up @ down of one kohya module."""
+    down, up = raw[f"{name}.lora_down.weight"].float(), raw[f"{name}.lora_up.weight"].float()
+    alpha = float(raw[f"{name}.alpha"]) if f"{name}.alpha" in raw else down.shape[0]
+    return (up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)) * (alpha / down.shape[0])
+
+
+CONVERT_TARGETS = ("kohya", "diffusers", "full")
+
+
+def convert_lora(src, to: str, dst, model: str | None = None) -> Path:
+    """Write `src` in another form: kohya (A1111/Forge/ComfyUI/InvokeAI keys), diffusers, or full (exact per-layer
+    weight differences for any adapter, OFT/BOFT/DoRA included). DoRA to kohya and anything to full need the base
+    weights: `model`, else the base model recorded in the file."""
+    if to not in CONVERT_TARGETS:
+        raise DcustomError(f"convert: --to {to!r} is not known; accepted: {', '.join(CONVERT_TARGETS)}.")
     kind, target = resolve_adapter(src)
+    if to == "full":
+        return _via_pipeline(src, target, kind, Path(dst), model, "full")
     if kind != "lora":
-        raise DcustomError(f"convert: {str(src)!r} is a peft (OFT/BOFT) adapter; use 'dcustom adapters extract' to get a LoRA.")
-    fmt = read_metadata(target).get("dcustom.format") or ("kohya" if target.name.endswith("kohya.safetensors") else "")
+        raise DcustomError(f"convert: {str(src)!r} is a peft (OFT/BOFT) adapter; use '--to full' (exact, for "
+                           "ComfyUI/Forge, A1111 and InvokeAI) or 'dcustom adapters extract' to get a LoRA.")
+    meta = read_metadata(target)
+    fmt = meta.get("dcustom.format") or ("kohya" if target.name.endswith("kohya.safetensors") else "")
     if to == "kohya":
         if fmt == "kohya":
             raise DcustomError(f"convert: {str(target)!r} is already in kohya form.")
+        if _has_dora(target):  # ComfyUI's DoRA formula needs the base weights: go through a pipeline
+            return _via_pipeline(src, target, kind, Path(dst), model, "kohya")
         return diffusers_to_kohya(target, Path(dst))
-    if to == "diffusers":
-        return kohya_to_diffusers(target, Path(dst))
-    raise DcustomError(f"convert: --to {to!r} is not known; accepted: kohya, diffusers.")
+    if meta.get(DORA_FORM_KEY) == DORA_FORM_COMFYUI:
+        from dcustom.models import family_of
+
+        pipe = _base_pipeline(target, meta, model)
+        return kohya_to_diffusers(target, Path(dst), family=family_of(pipe).name, pipe=pipe)
+    return kohya_to_diffusers(target, Path(dst))
+
+
+def _has_dora(path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return any(k.endswith((".lora_magnitude_vector", ".dora_scale")) for k in f.keys())
+
+
+def _base_pipeline(target: Path, meta: dict, model: str | None):
+    from dcustom.models import load_pipeline
+
+    base = model or meta.get("dcustom.base_model")
+    if not base:
+        raise DcustomError(f"convert: {str(target)!r} does not record its base model; give it with --model.")
+    return load_pipeline(base, dtype="fp32", device="cpu")
+
+
+def _via_pipeline(src, target: Path, kind: str, dst: Path, model: str | None, to: str) -> Path:
+    """Load the base model, put the adapter on it, and write `to` (kohya or full) from the pipeline's peft layers."""
+    from dcustom.adapters.files import dcustom_metadata, save_full_diff, save_kohya_lora
+    from dcustom.models import family_of
+
+    meta = read_metadata(target if kind == "lora" else target / "adapter_model.safetensors")
+    pipe = _base_pipeline(target, meta, model)
+    name = load_adapter(pipe, src, name="export")
+    family = family_of(pipe).name
+    keep = {k: v for k, v in meta.items()
+            if k.startswith("dcustom.") and k not in (DORA_FORM_KEY, "dcustom.version", "dcustom.format")}
+    out_meta = {**dcustom_metadata(meta.get("dcustom.method", "adapter"), meta.get("dcustom.base_model", model or ""),
+                                   family, None, to), **keep, "dcustom.family": family, "dcustom.source": str(src)}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if to == "full":
+        return save_full_diff(dst.parent, pipe, family, out_meta, adapter_name=name, name=dst.name)
+    tes = [te for te in ("text_encoder", "text_encoder_2")
+           if name in (getattr(getattr(pipe, te, None), "peft_config", None) or {})]
+    return save_kohya_lora(dst.parent, pipe, family, tes, out_meta, adapter_name=name, name=dst.name)
 
 
 def merge_into_model(model: str, adapters: list[str], out_dir, dtype: str = "fp32") -> Path:

@@ -11,6 +11,7 @@ from dcustom.errors import DcustomError
 DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_LORA_NAME = "lora_kohya.safetensors"
 EXTRACTED_LORA_NAME = "lora_extracted_kohya.safetensors"
+FULL_DIFF_NAME = "full_diff.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 MERGED_UNET_DIR = "unet_merged"
@@ -131,11 +132,12 @@ def kohya_module_name(prefix: str, module: str) -> str:
     return f"{prefix}_{module.replace('.', '_')}"
 
 
-def peft_to_kohya(state: dict, prefix: str, alpha_of, text_model: bool = False) -> dict:
+def peft_to_kohya(state: dict, prefix: str, alpha_of, text_model: bool = False, dora_scale_of=None) -> dict:
     """peft LoRA keys of one component -> kohya keys with each module's TRUE alpha.
 
     `alpha_of(module_name)` gives the alpha peft used for that module (lora_alpha or alpha_pattern).
     transformers 5 CLIP modules lack the `text_model.` level that A1111/ComfyUI keys keep: re-add it.
+    `dora_scale_of(module_name, magnitude)` writes a DoRA magnitude (default: peft's own value on the output axis).
     """
     import torch
 
@@ -151,7 +153,8 @@ def peft_to_kohya(state: dict, prefix: str, alpha_of, text_model: bool = False) 
         elif key.endswith(".lora_magnitude_vector"):
             module = key[: -len(".lora_magnitude_vector")]
             path = ("text_model." + module) if text_model and not module.startswith("text_model.") else module
-            out[f"{kohya_module_name(prefix, path)}.dora_scale"] = dora_scale_from_magnitude(value)
+            scale = dora_scale_of(module, value) if dora_scale_of else dora_scale_from_magnitude(value)
+            out[f"{kohya_module_name(prefix, path)}.dora_scale"] = scale
     return out
 
 
@@ -164,6 +167,43 @@ def dora_scale_from_magnitude(magnitude):
     if magnitude.ndim == 1:  # Linear: [out]
         return magnitude.reshape(-1, 1)
     return magnitude.reshape(magnitude.numel(), *[1] * (magnitude.ndim - 1))  # Conv: [1, out, 1, 1]
+
+
+# ComfyUI (and Forge, which copies its loader) divides an output-axis dora_scale by the ORIGINAL weight's row
+# norm plus float32 eps; peft divides its magnitude by the UPDATED weight's row norm. A file written for ComfyUI
+# therefore carries m * (||W|| + eps) / ||W + s*B@A|| so that ComfyUI computes peft's weight exactly.
+DORA_FORM_KEY = "dcustom.dora_scale"
+DORA_FORM_COMFYUI = "comfyui"
+
+
+def comfyui_dora_scale(base_weight, delta, magnitude):
+    """peft magnitude [out] -> the [out, 1] dora_scale with which ComfyUI's formula gives peft's weight.
+
+    base_weight: W [out, in]; delta: s * B @ A (the LoRA update at its scale)."""
+    import torch
+
+    if base_weight.ndim != 2:
+        raise DcustomError(f"DoRA export for ComfyUI handles Linear layers; got a weight of shape {list(base_weight.shape)}.")
+    W = base_weight.float()
+    eps = torch.finfo(torch.float32).eps
+    scale = magnitude.float().reshape(-1) * (W.norm(dim=1) + eps) / (W + delta.float()).norm(dim=1)
+    return scale.reshape(-1, 1)
+
+
+def magnitude_from_comfyui_dora_scale(scale, base_weight, delta):
+    """Inverse of comfyui_dora_scale: the peft magnitude [out] a ComfyUI-form dora_scale stands for."""
+    import torch
+
+    W = base_weight.float()
+    eps = torch.finfo(torch.float32).eps
+    return scale.float().reshape(-1) * (W + delta.float()).norm(dim=1) / (W.norm(dim=1) + eps)
+
+
+def lora_delta(layer, adapter_name: str):
+    """s * B @ A of one peft LoRA Linear layer (its update before any DoRA rescaling)."""
+    A = layer.lora_A[adapter_name].weight.float()
+    B = layer.lora_B[adapter_name].weight.float()
+    return (B @ A) * layer.scaling[adapter_name]
 
 
 def magnitude_from_dora_scale(scale, where: str):
@@ -191,15 +231,25 @@ def lora_alpha_lookup(peft_config):
 
 def save_kohya_lora(folder: Path, pipe, family: str, text_encoders: list[str], meta: dict, adapter_name: str = "default",
                     name: str = KOHYA_LORA_NAME) -> Path:
-    """A1111/Forge/ComfyUI LoRA: kohya keys, true per-module alpha (diffusers' converter writes alpha=rank)."""
-    tensors = peft_to_kohya(_peft_state(pipe.unet, adapter_name), "lora_unet",
-                            lora_alpha_lookup(pipe.unet.peft_config[adapter_name]))
+    """A1111/Forge/ComfyUI/InvokeAI LoRA: kohya keys, true per-module alpha (diffusers' converter writes alpha=rank).
+
+    DoRA magnitudes are written in the form ComfyUI/Forge need to compute peft's weights exactly (see
+    comfyui_dora_scale), computed from the pipeline's base weights; the header records that form."""
+    tensors, dora = {}, False
     prefixes = KOHYA_TE_PREFIX["sdxl" if family == "sdxl" else "sd"]
-    for te in text_encoders:
-        model = getattr(pipe, te)
-        tensors.update(peft_to_kohya(_peft_state(model, adapter_name), prefixes[te],
-                                     lora_alpha_lookup(model.peft_config[adapter_name]), text_model=True))
-    return save_tensors(tensors, Path(folder) / name, {**meta, "dcustom.format": "kohya", "format": "pt"})
+    for component, prefix in [("unet", "lora_unet"), *[(te, prefixes[te]) for te in text_encoders]]:
+        model = getattr(pipe, component)
+
+        def for_comfyui(module, magnitude, model=model):
+            layer = model.get_submodule(module)
+            return comfyui_dora_scale(layer.get_base_layer().weight, lora_delta(layer, adapter_name), magnitude)
+
+        part = peft_to_kohya(_peft_state(model, adapter_name), prefix, lora_alpha_lookup(model.peft_config[adapter_name]),
+                             text_model=component != "unet", dora_scale_of=for_comfyui)
+        dora = dora or any(k.endswith(".dora_scale") for k in part)
+        tensors.update(part)
+    extra = {DORA_FORM_KEY: DORA_FORM_COMFYUI} if dora else {}
+    return save_tensors(tensors, Path(folder) / name, {**meta, "dcustom.format": "kohya", "format": "pt", **extra})
 
 
 def save_peft_folder(folder: Path, model, meta: dict, adapter_name: str = "default") -> Path:
@@ -284,17 +334,43 @@ def svd_lora_from_merged(merged: dict, rank: int) -> tuple[dict, dict]:
     return factors, errors
 
 
+def full_diff_state(pipe, family: str, adapter_name: str = "default") -> dict:
+    """`<kohya module>.diff` = merged weight - base weight for every Linear the adapter changes (UNet and text
+    encoders): the LyCORIS "full" layout, which ComfyUI/Forge, A1111 and InvokeAI add to the weight as it is."""
+    prefixes = {"unet": "lora_unet", **KOHYA_TE_PREFIX["sdxl" if family == "sdxl" else "sd"]}
+    tensors = {}
+    for component, prefix in prefixes.items():
+        model = getattr(pipe, component, None)
+        if model is None or adapter_name not in (getattr(model, "peft_config", None) or {}):
+            continue
+        for module, (base, weight) in merged_linear_weights(model, adapter_name).items():
+            path = module if component == "unet" or module.startswith("text_model.") else f"text_model.{module}"
+            tensors[f"{kohya_module_name(prefix, path)}.diff"] = (weight.float() - base.float()).contiguous()
+    if not tensors:
+        raise DcustomError(f"full-diff export: the pipeline has no adapter named {adapter_name!r} on any Linear layer.")
+    return tensors
+
+
+def save_full_diff(folder: Path, pipe, family: str, meta: dict, adapter_name: str = "default",
+                   name: str = FULL_DIFF_NAME) -> Path:
+    """Exact export of any adapter (OFT, BOFT, DoRA, LoRA) for ComfyUI/Forge, A1111 and InvokeAI: per-layer weight
+    differences in float32 (as large as the adapted layers themselves)."""
+    tensors = full_diff_state(pipe, family, adapter_name)
+    return save_tensors(tensors, Path(folder) / name, {**meta, "dcustom.format": "kohya-full-diff", "format": "pt"})
+
+
 def save_extracted_lora(folder: Path, unet, rank: int, meta: dict, adapter_name: str = "default",
                         name: str = EXTRACTED_LORA_NAME) -> tuple[Path, float]:
     """kohya LoRA approximating any adapter (OFT, BOFT, ...) on the UNet; returns (path, relative error).
 
     alpha = rank, so the file applies the SVD factors at scale 1. The error is the Frobenius norm of
-    (delta - extracted) over the norm of delta, summed over all modules.
+    (delta - extracted) over the norm of delta, summed over all modules; the header also records the
+    worst single module and its own relative error (one module can be far worse than the total).
     """
     import torch
 
     merged = merged_linear_weights(unet, adapter_name)
-    factors, _ = svd_lora_from_merged(merged, rank)
+    factors, errors = svd_lora_from_merged(merged, rank)
     tensors, num, den = {}, 0.0, 0.0
     for module, (down, up) in factors.items():
         base, weight = merged[module]
@@ -306,7 +382,10 @@ def save_extracted_lora(folder: Path, unet, rank: int, meta: dict, adapter_name:
         tensors[f"{key}.lora_up.weight"] = up
         tensors[f"{key}.alpha"] = torch.tensor(float(down.shape[0]))
     rel = (num / den) ** 0.5 if den > 0 else 0.0
+    worst = max(errors, key=errors.get) if errors else ""
     path = save_tensors(tensors, Path(folder) / name, {**meta, "dcustom.format": "kohya", "format": "pt",
                                                      "dcustom.extracted_rank": str(rank),
-                                                     "dcustom.extraction_rel_error": f"{rel:.6g}"})
+                                                     "dcustom.extraction_rel_error": f"{rel:.6g}",
+                                                     "dcustom.extraction_worst_module": worst,
+                                                     "dcustom.extraction_worst_rel_error": f"{errors.get(worst, 0.0):.6g}"})
     return path, rel

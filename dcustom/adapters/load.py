@@ -154,6 +154,10 @@ def _lora_names(pipe) -> list[str]:
 def _load_lora(pipe, file: Path, name: str) -> None:
     from dcustom.adapters.convert import is_kohya_dora
 
+    if _is_full_diff(file):
+        raise DcustomError(f"adapter {str(file)!r} holds full weight differences (`.diff`), an export for ComfyUI/Forge, "
+                           "A1111 and InvokeAI; in dcustom load the run's peft folder or diffusers file instead.")
+
     if is_kohya_dora(file):
         # diffusers' SD/SDXL readers drop `dora_scale` (a plain LoRA, wrong output): go through our diffusers form
         import tempfile
@@ -163,7 +167,7 @@ def _load_lora(pipe, file: Path, name: str) -> None:
 
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                converted = kohya_to_diffusers(file, Path(tmp) / DIFFUSERS_LORA_NAME, family=family_of(pipe).name)
+                converted = kohya_to_diffusers(file, Path(tmp) / DIFFUSERS_LORA_NAME, family=family_of(pipe).name, pipe=pipe)
             except (ValueError, KeyError, RuntimeError, StopIteration) as exc:
                 raise DcustomError(f"adapter {str(file)!r}: its kohya DoRA keys do not convert for this "
                                    f"{family_of(pipe).label} pipeline ({str(exc).strip()[:200] or type(exc).__name__}).") from None
@@ -182,6 +186,13 @@ def _load_lora(pipe, file: Path, name: str) -> None:
                                  read_metadata(file))
             return _load_lora_file(pipe, fixed, name, shown=file)
     _load_lora_file(pipe, file, name, shown=file)
+
+
+def _is_full_diff(file: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return any(k.endswith(".diff") for k in f.keys())
 
 
 def _has_flat_text_encoder_keys(file: Path) -> bool:
@@ -284,7 +295,8 @@ def adapter_summary(path) -> dict:
     if kind == "peft":
         cfg = json.loads((target / PEFT_CONFIG).read_text())
         out["peft_type"] = cfg.get("peft_type")
-    for extra in ("dcustom.extracted_rank", "dcustom.extraction_rel_error"):
+    for extra in ("dcustom.extracted_rank", "dcustom.extraction_rel_error", "dcustom.extraction_worst_module",
+                  "dcustom.extraction_worst_rel_error"):
         if extra in meta:
             out[extra.split(".", 1)[1]] = meta[extra]
     return out

@@ -42,15 +42,18 @@ def inspect(path: str = typer.Argument(..., help="Adapter file or folder (a run 
 
 
 @app.command()
-def convert(path: str = typer.Argument(..., help="A LoRA file or run folder."),
-            to: str = typer.Option(..., "--to", help="kohya (A1111/Forge/ComfyUI) or diffusers."),
-            out: str = typer.Option(..., "--out", "-o", help="Output .safetensors file.")):
-    """Convert a LoRA between diffusers and kohya/A1111 keys, keeping each module's true alpha."""
+def convert(path: str = typer.Argument(..., help="An adapter file or run folder."),
+            to: str = typer.Option(..., "--to", help="kohya (ComfyUI/Forge/A1111/InvokeAI, and diffusers), diffusers, "
+                                                     "or full (exact weight differences of any adapter, OFT/BOFT/DoRA included)."),
+            out: str = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
+            model: str = typer.Option(None, "--model", "-m", help="Base model, when the export needs the base weights "
+                                                                  "(DoRA to kohya, anything to full); default: the one the file records.")):
+    """Convert an adapter to the form another tool reads, keeping each module's true alpha."""
     from dcustom.adapters.convert import convert_lora
 
     try:
         _check_out(out)
-        typer.echo(str(convert_lora(path, to, out)))
+        typer.echo(str(convert_lora(path, to, out, model=model)))
     except DcustomError as exc:
         _fail(str(exc))
 
@@ -78,9 +81,14 @@ def extract(model: str = typer.Option(..., "--model", "-m", help="Base model the
     """SVD-extract a LoRA (kohya keys) approximating any adapter, for tools that only read LoRA."""
     from dcustom.adapters.convert import extract_lora
 
+    from dcustom.adapters.files import read_metadata
+
     try:
         _check_out(out)
         path, rel = extract_lora(model, adapter, rank, out)
     except DcustomError as exc:
         _fail(str(exc))
-    typer.echo(f"{path}\nrelative error of the weight deltas (Frobenius): {rel:.4f}")
+    meta = read_metadata(path)
+    typer.echo(f"{path}\nrelative error of the weight deltas (Frobenius): {rel:.4f}\n"
+               f"worst module: {meta['dcustom.extraction_worst_module']} "
+               f"({float(meta['dcustom.extraction_worst_rel_error']):.4f} of its change)")

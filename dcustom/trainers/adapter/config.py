@@ -55,6 +55,8 @@ class OftTrainConfig(AdapterTrainConfig):
     module_dropout: float = opt(0.0, "Multiplicative dropout of whole blocks.", ge=0, lt=1)
     write_merged: bool = opt(False, "Also write the merged UNet weights (unet_merged.safetensors).")
     extract_rank: int = opt(32, "Rank of the SVD-extracted LoRA written for LoRA-only tools (0: none).", ge=0)
+    write_full_diff: bool = opt(False, "Also write full_diff.safetensors: the exact weight changes, which ComfyUI/Forge, "
+                                       "A1111 and InvokeAI add as they are (as large as the adapted layers, float32).")
 
 
 @dataclass
@@ -65,3 +67,5 @@ class BoftTrainConfig(AdapterTrainConfig):
     dropout: float = opt(0.0, "BOFT multiplicative dropout.", ge=0, lt=1)
     write_merged: bool = opt(False, "Also write the merged UNet weights (unet_merged.safetensors).")
     extract_rank: int = opt(32, "Rank of the SVD-extracted LoRA written for LoRA-only tools (0: none).", ge=0)
+    write_full_diff: bool = opt(False, "Also write full_diff.safetensors: the exact weight changes, which ComfyUI/Forge, "
+                                       "A1111 and InvokeAI add as they are (as large as the adapted layers, float32).")

@@ -176,9 +176,14 @@ class AdapterMethod:
                 path, rel = files.save_extracted_lora(folder, self.pipe.unet, self.cfg.extract_rank,
                                                       {**meta, "dcustom.method": f"{self.cfg.method}-extracted-lora"})
                 self.extraction_error = rel
+                written = files.read_metadata(path)
+                self.extraction_worst = (written["dcustom.extraction_worst_module"],
+                                         float(written["dcustom.extraction_worst_rel_error"]))
                 out.append(path)
             if final and self.cfg.write_merged:
                 out.append(files.save_merged_unet(folder, self.pipe.unet, meta))
+            if final and self.cfg.write_full_diff:
+                out.append(files.save_full_diff(folder, self.pipe, self.family.name, meta))
         return out
 
     def sample(self, step: int, folder: Path) -> list[Path]:
@@ -396,4 +401,7 @@ def run(cfg: AdapterTrainConfig):
     extraction = getattr(result.method, "extraction_error", None)
     if extraction is not None:
         print(f"extracted LoRA relative error (Frobenius, all modules): {extraction:.4f}")
+        module, error = result.method.extraction_worst
+        print(f"extracted LoRA worst module: {module} ({error:.4f} of its change); for an exact export to "
+              "ComfyUI/Forge, A1111 and InvokeAI set write_full_diff: true (or run dcustom adapters convert --to full)")
     return result
