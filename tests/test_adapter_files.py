@@ -174,7 +174,7 @@ def test_input_axis_dora_scale_is_refused(dora_run, tmp_path):
         load_adapter(load_pipeline("tiny:sd15", device="cpu"), tmp_path / "input_axis.safetensors")
 
 
-# --- issue 19: the text-encoder alpha ----------------------------------------------------
+# --- issue 19: the text-encoder alpha, which file is for which tool ----------------------------------------------------
 @pytest.mark.parametrize("te_alpha,expected", [(None, 6.0), (1.5, 1.5)])
 def test_text_encoder_lora_uses_the_configured_alpha(runs, tmp_path, te_alpha, expected):
     """The text-encoder LoRA's alpha is text_encoder_alpha, else alpha; never silently its rank (was forced to it)."""
@@ -197,3 +197,23 @@ def test_text_encoder_lora_uses_the_configured_alpha(runs, tmp_path, te_alpha, e
     meta = read_metadata(tmp_path / "pytorch_lora_weights.safetensors")
     assert json.loads(meta["lora_adapter_metadata"])["text_encoder.lora_alpha"] == expected
     assert json.loads(meta["dcustom.config"])["text_encoder_alpha"] == te_alpha
+
+
+def test_inspect_says_which_tools_each_file_is_for(cli, runs, tmp_path):
+    from dcustom.errors import DcustomError
+
+    root, _, _ = runs
+    code, out, err = cli("adapters", "inspect", root / "lora" / "pytorch_lora_weights.safetensors")
+    assert code == 0, err
+    assert "use_with           diffusers pipe.load_lora_weights (transformers 4 and 5)" in out
+    assert "not_for            ComfyUI/Forge, A1111, InvokeAI" in out and "lora_kohya.safetensors" in out
+    code, out, _ = cli("adapters", "inspect", root / "lora" / "lora_kohya.safetensors")
+    assert "use_with           diffusers (transformers 4 and 5), ComfyUI/Forge, A1111, InvokeAI, dcustom" in out
+    code, out, _ = cli("adapters", "inspect", root / "oft")
+    assert "not_for            ComfyUI/Forge, A1111, InvokeAI: use full_diff.safetensors" in out
+    code, out, err = cli("adapters", "convert", root / "oft", "--to", "full", "-o", tmp_path / "full.safetensors")
+    assert code == 0, err  # the base model comes from the folder's header
+    code, out, _ = cli("adapters", "inspect", tmp_path / "full.safetensors")
+    assert "use_with           ComfyUI/Forge, A1111, InvokeAI (exact weight differences)" in out
+    with pytest.raises(DcustomError, match="holds full weight differences .* load the run's peft folder"):
+        with_adapter(tmp_path / "full.safetensors")  # tests/test_interop_oft.py applies it as the tools do

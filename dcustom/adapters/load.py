@@ -299,7 +299,52 @@ def adapter_summary(path) -> dict:
                   "dcustom.extraction_worst_rel_error"):
         if extra in meta:
             out[extra.split(".", 1)[1]] = meta[extra]
+    out["use_with"], out["not_for"] = tools_for(kind, out["format"], keys, meta)
     return out
+
+
+KOHYA_HINT = "dcustom adapters convert <run> --to kohya"
+FULL_HINT = "dcustom adapters convert <run> --to full"
+
+
+def tools_for(kind: str, fmt: str, keys: list, meta: dict) -> tuple[str, str]:
+    """(tools that compute this file's weights as peft does, tools it is not for and what to use there instead).
+
+    Backed by tests/test_interop_*.py, which apply each tool's key mapping and merge formula to our files."""
+    from dcustom.adapters.files import DORA_FORM_COMFYUI, DORA_FORM_KEY
+
+    dora = any(k.endswith((".dora_scale", ".lora_magnitude_vector")) for k in keys)
+    if kind == "peft":
+        return ("dcustom; peft (unet.add_adapter + set_peft_model_state_dict) with diffusers",
+                f"ComfyUI/Forge, A1111, InvokeAI: use full_diff.safetensors (exact; {FULL_HINT}) or "
+                "lora_extracted_kohya.safetensors (approximate)")
+    if fmt == "kohya-full-diff" or any(k.endswith(".diff") for k in keys):
+        return ("ComfyUI/Forge, A1111, InvokeAI (exact weight differences)",
+                "diffusers pipe.load_lora_weights and dcustom (no .diff keys): use the peft folder or diffusers file")
+    if fmt.startswith("kohya"):
+        if "dcustom.extraction_rel_error" in meta:
+            worst = meta.get("dcustom.extraction_worst_rel_error", "?")
+            return (f"diffusers (transformers 4 and 5), ComfyUI/Forge, A1111, InvokeAI, dcustom: APPROXIMATE "
+                    f"(rank-{meta.get('dcustom.extracted_rank', '?')} SVD; worst module off by {worst} of its change)",
+                    f"exact elsewhere: full_diff.safetensors ({FULL_HINT})")
+        if not dora:
+            return "diffusers (transformers 4 and 5), ComfyUI/Forge, A1111, InvokeAI, dcustom", "-"
+        if meta.get(DORA_FORM_KEY) == DORA_FORM_COMFYUI:
+            return ("ComfyUI/Forge and dcustom (DoRA magnitudes in ComfyUI's form)",
+                    "diffusers (drops dora_scale: use the diffusers file); A1111 and InvokeAI (read dora_scale per "
+                    f"input column: use {FULL_HINT})")
+        return ("dcustom, LyCORIS (DoRA magnitudes in peft's output-axis form)",
+                f"ComfyUI/Forge (normalises by the original weight: rewrite with {KOHYA_HINT} from the diffusers file); "
+                f"diffusers (drops dora_scale); A1111 and InvokeAI (input-axis DoRA): use {FULL_HINT}")
+    if fmt.startswith("diffusers"):
+        flat = any(k.split(".", 1)[0].startswith("text_encoder") and k.split(".", 1)[1].startswith(("encoder.", "embeddings."))
+                   for k in keys if "." in k)
+        also = ("; its text-encoder keys lack `text_model.` (written from transformers 5 names): diffusers with "
+                "transformers 4 rejects them, dcustom reads them" if flat else "")
+        return (f"diffusers pipe.load_lora_weights (transformers 4 and 5{', with use_dora' if dora else ''}); dcustom{also}",
+                (f"ComfyUI/Forge: {KOHYA_HINT} (ComfyUI's DoRA form); A1111, InvokeAI: {FULL_HINT}" if dora else
+                 f"ComfyUI/Forge, A1111, InvokeAI (they map none of its UNet keys): use lora_kohya.safetensors ({KOHYA_HINT})"))
+    return "dcustom", "-"
 
 
 def _numel(shape) -> int:

@@ -23,9 +23,12 @@ def build(state, adapter_dropdowns: list) -> dict:
             with gr.Row():
                 inspect_btn = gr.Button("Inspect", elem_id="lib_inspect")
                 delete_btn = gr.Button("Delete", variant="stop", elem_id="lib_delete")
-            with gr.Accordion("Convert the selected LoRA", open=False, elem_id="lib_convert_box"):
-                to = gr.Radio(["kohya", "diffusers"], value="kohya", label="Write the form read by",
-                              info="kohya: A1111/Forge/ComfyUI; diffusers: pipe.load_lora_weights", elem_id="lib_to")
+            with gr.Accordion("Convert the selected adapter", open=False, elem_id="lib_convert_box"):
+                to = gr.Radio(["kohya", "diffusers", "full"], value="kohya", label="Write the form read by",
+                              info="kohya: ComfyUI/Forge, A1111, InvokeAI and diffusers (DoRA: ComfyUI/Forge only); "
+                                   "diffusers: pipe.load_lora_weights; full: exact weight differences of any adapter "
+                                   "(OFT/BOFT/DoRA) for ComfyUI/Forge, A1111 and InvokeAI. Inspect says which file "
+                                   "is for which tool (use_with / not_for).", elem_id="lib_to")
                 convert_btn = gr.Button("Convert", elem_id="lib_convert")
             with gr.Accordion("Merge adapters into a base model", open=False, elem_id="lib_merge_box"):
                 merge_names = gr.Dropdown([], value=[], multiselect=True, allow_custom_value=True, label="Adapters",
@@ -140,16 +143,18 @@ def import_lora(state, file, adapter: str):
 
 
 def convert_adapter(state, adapter: str, form: str):
-    """Write the other LoRA form (kohya <-> diffusers) next to the adapter's file in its library folder."""
+    """Write another form (kohya, diffusers, full weight differences) next to the adapter's files in its library folder."""
     from dcustom.adapters.convert import convert_lora
+    from dcustom.adapters.files import DIFFUSERS_LORA_NAME, FULL_DIFF_NAME, KOHYA_LORA_NAME
 
-    if form not in ("kohya", "diffusers"):
-        raise DcustomError(f"convert: {form!r} is not a known form; accepted: kohya, diffusers.")
+    names = {"kohya": KOHYA_LORA_NAME, "diffusers": DIFFUSERS_LORA_NAME, "full": FULL_DIFF_NAME}
+    if form not in names:
+        raise DcustomError(f"convert: {form!r} is not a known form; accepted: {', '.join(names)}.")
     folder = adapter_folder(state.paths, adapter)
-    dest = folder / ("lora_kohya.safetensors" if form == "kohya" else "pytorch_lora_weights.safetensors")
+    dest = folder / names[form]
     if dest.exists():
         raise DcustomError(f"convert: {adapter!r} already has {dest.name}; nothing to do.")
-    source = folder / ("pytorch_lora_weights.safetensors" if form == "kohya" else "lora_kohya.safetensors")
+    source = {"kohya": folder / DIFFUSERS_LORA_NAME, "diffusers": folder / KOHYA_LORA_NAME}.get(form, folder)
     return convert_lora(source if source.is_file() else folder, form, dest)
 
 
