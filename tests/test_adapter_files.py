@@ -162,7 +162,7 @@ def test_kohya_dora_loads_like_the_diffusers_file(cli, dora_run, tmp_path):
 def test_input_axis_dora_scale_is_refused(dora_run, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from dcustom.adapters.convert import diffusers_to_kohya
+    from dcustom.adapters.kohya import diffusers_to_kohya
     from dcustom.errors import DcustomError
 
     diffusers_file, _ = dora_run

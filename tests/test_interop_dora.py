@@ -32,7 +32,7 @@ from interop_tools import (
 from safetensors.torch import load_file
 
 from dcustom.adapters import files
-from dcustom.adapters.convert import diffusers_to_kohya
+from dcustom.adapters.kohya import diffusers_to_kohya
 
 TOL = 1e-5
 KINDS = ["sd15", "sdxl"]

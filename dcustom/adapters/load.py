@@ -152,7 +152,7 @@ def _lora_names(pipe) -> list[str]:
 
 
 def _load_lora(pipe, file: Path, name: str) -> None:
-    from dcustom.adapters.convert import is_kohya_dora
+    from dcustom.adapters.kohya import is_kohya_dora
 
     if _is_full_diff(file):
         raise DcustomError(f"adapter {str(file)!r} holds full weight differences (`.diff`), an export for ComfyUI/Forge, "
@@ -162,7 +162,7 @@ def _load_lora(pipe, file: Path, name: str) -> None:
         # diffusers' SD/SDXL readers drop `dora_scale` (a plain LoRA, wrong output): go through our diffusers form
         import tempfile
 
-        from dcustom.adapters.convert import kohya_to_diffusers
+        from dcustom.adapters.kohya import kohya_to_diffusers
         from dcustom.models import family_of
 
         with tempfile.TemporaryDirectory() as tmp:

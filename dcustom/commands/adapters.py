@@ -64,7 +64,7 @@ def merge(model: str = typer.Option(..., "--model", "-m", help="Base model spec.
           out: str = typer.Option(..., "--out", "-o", help="Output diffusers folder, or a .safetensors file for one A1111/ComfyUI checkpoint."),
           dtype: str = typer.Option("fp32", "--dtype")):
     """Bake adapters into the base weights and save a full model: a diffusers folder or one checkpoint file."""
-    from dcustom.adapters.convert import merge_into_model
+    from dcustom.adapters.merge import merge_into_model
 
     try:
         _check_out(out)
@@ -79,7 +79,7 @@ def extract(model: str = typer.Option(..., "--model", "-m", help="Base model the
             rank: int = typer.Option(32, "--rank", "-r"),
             out: str = typer.Option(..., "--out", "-o", help="Output kohya .safetensors file.")):
     """SVD-extract a LoRA (kohya keys) approximating any adapter, for tools that only read LoRA."""
-    from dcustom.adapters.convert import extract_lora
+    from dcustom.adapters.merge import extract_lora
 
     from dcustom.adapters.files import read_metadata
 

@@ -160,7 +160,7 @@ def convert_adapter(state, adapter: str, form: str):
 
 def merge_adapters(state, adapters: list, weight: float, model: str, new_name: str):
     """Bake library adapters into a base model; the result is a new model folder under <data>/models."""
-    from dcustom.adapters.convert import merge_into_model
+    from dcustom.adapters.merge import merge_into_model
 
     if not adapters:
         raise DcustomError("merge: no adapters were chosen; pick at least one from the library.")
