@@ -14,6 +14,7 @@ from typing import List, Optional
 import typer
 from typer.core import TyperGroup
 
+from dcustom.commands.common import SET_HELP, fail, overrides_as_yaml_strings
 from dcustom.errors import DcustomError
 
 
@@ -75,9 +76,6 @@ app.add_typer(__import__("dcustom.commands.toyworld", fromlist=["app"]).app, nam
 app.add_typer(__import__("dcustom.commands.adapters", fromlist=["app"]).app, name="adapters")  # inspect|convert|merge|extract
 app.command("style")(__import__("dcustom.commands.style", fromlist=["style"]).style)  # training-free style transfer
 
-SET_HELP = "Dotted override, e.g. --set optimizer.lr=1e-4 (repeatable)."
-
-
 @app.callback()
 def _global_options(debug: bool = typer.Option(False, "--debug", help="Print the full traceback of an error.")):
     show_messages()
@@ -99,11 +97,6 @@ def _drop_message_handlers() -> None:
     logger = logging.getLogger("dcustom")
     for handler in [h for h in logger.handlers if getattr(h, "dcustom_cli", False)]:
         logger.removeHandler(handler)
-
-
-def fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -157,13 +150,6 @@ def generate(
         fail(str(exc))
     for p in paths:
         typer.echo(str(p))
-
-
-def overrides_as_yaml_strings(flags: dict) -> list[str]:
-    """CLI flags as overrides; strings are quoted so YAML never re-types a prompt like 'yes'."""
-    import json
-
-    return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in flags.items() if v is not None]
 
 
 @app.command()

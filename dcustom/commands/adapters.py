@@ -6,14 +6,11 @@ from typing import List
 
 import typer
 
+from dcustom.commands.common import fail
 from dcustom.errors import DcustomError
 
 app = typer.Typer(help="Inspect, convert, merge and extract adapter files.", no_args_is_help=True)
 
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 def _check_out(out: str) -> None:
@@ -36,7 +33,7 @@ def inspect(path: str = typer.Argument(..., help="Adapter file or folder (a run 
     try:
         info = adapter_summary(path)
     except DcustomError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for key, value in info.items():
         typer.echo(f"{key:18s} {value}")
 
@@ -55,7 +52,7 @@ def convert(path: str = typer.Argument(..., help="An adapter file or run folder.
         _check_out(out)
         typer.echo(str(convert_lora(path, to, out, model=model)))
     except DcustomError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @app.command()
@@ -70,7 +67,7 @@ def merge(model: str = typer.Option(..., "--model", "-m", help="Base model spec.
         _check_out(out)
         typer.echo(str(merge_into_model(model, list(adapter), out, dtype)))
     except DcustomError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @app.command()
@@ -87,7 +84,7 @@ def extract(model: str = typer.Option(..., "--model", "-m", help="Base model the
         _check_out(out)
         path, rel = extract_lora(model, adapter, rank, out)
     except DcustomError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     meta = read_metadata(path)
     typer.echo(f"{path}\nrelative error of the weight deltas (Frobenius): {rel:.4f}\n"
                f"worst module: {meta['dcustom.extraction_worst_module']} "

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from dcustom.commands.common import fail
+
 app = typer.Typer(help="Serve the web UI.", add_completion=False)
 
 
@@ -25,8 +27,7 @@ def serve(
     try:
         import gradio  # noqa: F401
     except ImportError:
-        typer.secho("error: the app needs the UI extra: pip install 'dcustom[ui]'", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
+        fail("the app needs the UI extra: pip install 'dcustom[ui]'")
     from dcustom.app.main import launch
     from dcustom.app.uploads import UploadLimits
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from dcustom.commands.common import fail, parse_seeds
+
 app = typer.Typer(help="Evaluate models with the toy-world judges (JSON + image grids).", no_args_is_help=True)
 
 
@@ -27,18 +29,13 @@ def base(
     """Prompt accuracy, per-attribute accuracy, toy-FID and diversity of a base model on held-out prompts."""
     from dcustom.errors import DcustomError
 
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        typer.secho(f"error: --seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2,3.", fg="red", err=True)
-        raise typer.Exit(2)
+    seed_list = parse_seeds(seeds)
     from dcustom.outputs import writable_folder
 
     try:
         writable_folder(output_dir, "--output-dir")  # before any model loads
     except DcustomError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2)
+        fail(str(exc))
     if bars:
         _check_bars(model, seed_list, device, dtype, output_dir, list(prompt) or None)
         return
@@ -51,8 +48,7 @@ def base(
         report = evaluate_pipeline(pipe, prompt_list, seed_list, judge=judge,
                                    steps=steps, guidance=guidance, out_dir=output_dir)
     except DcustomError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2)
+        fail(str(exc))
     acc = report["accuracy"]
     typer.echo(f"model {model}  judge J_{judge}  {report['prompts']} prompts x {len(seed_list)} seeds")
     typer.echo("accuracy  " + "  ".join(f"{k} {v:.3f}" for k, v in acc.items()))
@@ -73,8 +69,7 @@ def _check_bars(model: str, seeds: list[int], device: str, dtype: str, output_di
     try:
         result = measure_bars(model, seeds, device=device, dtype=dtype, out_dir=output_dir, prompts=prompts)
     except DcustomError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2)
+        fail(str(exc))
     out = Path(output_dir) / "bars.json"
     tmp = out.with_name(".bars.json.tmp")
     tmp.write_text(json.dumps({k: v for k, v in result.items() if k != "report"}, indent=2))

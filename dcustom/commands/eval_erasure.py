@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import typer
 
+from dcustom.commands.common import fail, parse_seeds
 from dcustom.commands.eval import app
 
 
@@ -36,11 +37,7 @@ def erasure(
     """What an erasure removed and what it kept, base model vs erased model, judged by J_eval."""
     from dcustom.errors import DcustomError
 
-    try:
-        seed_list = [int(s) for s in _csv(seeds)]
-    except ValueError:
-        typer.secho(f"error: --seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2,3.", fg="red", err=True)
-        raise typer.Exit(2)
+    seed_list = parse_seeds(seeds)
     try:
         from dcustom.trainers.erasure.evaluate import concept_head, evaluate_erasure, load_pipelines
 
@@ -55,8 +52,7 @@ def erasure(
                                   attack_steps=attack_steps, attack_lr=attack_lr, judge=judge, out_dir=output_dir,
                                   on_stage=lambda msg: typer.echo(msg, err=True))
     except DcustomError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2)
+        fail(str(exc))
     s = report["summary"]
     typer.echo(f"erased {report['head']} {report['class']!r}  judge J_{judge}  {len(seed_list)} seeds")
     for key in ("efficacy", "generality", "others", "neighbours", "preservation_prompt_accuracy"):

@@ -29,7 +29,7 @@ def style(
     set_: List[str] = typer.Option([], "--set", help="Dotted override, e.g. --set init_adain=false (repeatable)."),
 ):
     """Stylize a content image with a style image; writes the result and a content | style | result grid."""
-    from dcustom.cli import fail, overrides_as_yaml_strings
+    from dcustom.commands.common import fail, overrides_as_yaml_strings
     from dcustom.config import load_config
     from dcustom.errors import DcustomError
     from dcustom.registry import get_method

@@ -7,15 +7,12 @@ from typing import List, Optional
 
 import typer
 
+from dcustom.commands.common import fail
 from dcustom.errors import DcustomError
 
 app = typer.Typer(help="The toy world: procedural images, the toy base model recipe, the judges.",
                   no_args_is_help=True)
 
-
-def _fail(message: str):
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 @app.command("train-base")
@@ -37,7 +34,7 @@ def train_base(
 
         out = run(cfg, stop_after=stop_after, log=lambda m: typer.echo(m, err=True))
     except DcustomError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(str(out))
 
 
@@ -56,7 +53,7 @@ def train_judges(
 
     kinds = {"both": ("train", "eval"), "train": ("train",), "eval": ("eval",)}
     if which not in kinds:
-        _fail(f"--which {which!r} is not known; accepted: train, eval, both.")
+        fail(f"--which {which!r} is not known; accepted: train, eval, both.")
     import torch
 
     from dcustom.toyworld.judges import train_judge
@@ -92,7 +89,7 @@ def render(
         else:
             samples = render_samples(count, seed, split)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / "captions.jsonl", "w") as f:
         for i, (image, text, scene) in enumerate(samples):
