@@ -5,13 +5,14 @@
     load_erasure(pipe, result.run_dir)   # a diffusers LoRA: pipe.load_lora_weights works too
 
 Modules: config (torch-free settings), selection (which layers each algorithm edits), conditioning
-(family-aware UNet inputs), uce (closed form), esd (target + loop method), artifacts (files).
+(family-aware UNet inputs), uce (closed form + its run), esd (target + loop method + its run), artifacts
+(files, ErasureResult), run (dispatch by algorithm).
 """
 
 _LAZY = {
     "ErasureTrainConfig": "dcustom.trainers.erasure.config:ErasureTrainConfig",
     "run": "dcustom.trainers.erasure.run:run",
-    "ErasureResult": "dcustom.trainers.erasure.run:ErasureResult",
+    "ErasureResult": "dcustom.trainers.erasure.artifacts:ErasureResult",
     "load_erasure": "dcustom.trainers.erasure.artifacts:load_erasure",
     "read_metadata": "dcustom.trainers.erasure.artifacts:read_metadata",
     "compute_uce": "dcustom.trainers.erasure.uce:compute_uce",

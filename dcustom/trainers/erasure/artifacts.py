@@ -1,4 +1,5 @@
-"""Erasure outputs: a diffusers LoRA file, or a whole model folder, both carrying dcustom metadata.
+"""Erasure outputs: a diffusers LoRA file, or a whole model folder, both carrying dcustom metadata, and
+the `ErasureResult` every algorithm returns.
 
 The LoRA file is the format `pipe.load_lora_weights` reads (keys ``unet.<module>.lora_A.weight``,
 peft config in the ``lora_adapter_metadata`` header entry), so an erasure loads onto a stock
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dcustom.errors import DcustomError
@@ -18,6 +20,20 @@ from dcustom.errors import DcustomError
 LORA_FILE = "pytorch_lora_weights.safetensors"
 FULL_FOLDER = "model"
 PREFIX = "dcustom."
+
+
+@dataclass
+class ErasureResult:
+    """What `run` returns for every algorithm: the run folder, the files written, the time and the figures."""
+
+    run_dir: Path
+    files: list
+    seconds: float
+    info: dict = field(default_factory=dict)
+    pipe: object = field(default=None, repr=False)  # the edited pipeline, in memory
+
+    def __str__(self) -> str:
+        return f"erasure written to {self.run_dir} in {self.seconds:.1f} s: " + ", ".join(str(f) for f in self.files)
 
 
 def dcustom_metadata(cfg, pipe, **extra) -> dict:

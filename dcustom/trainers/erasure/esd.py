@@ -169,7 +169,7 @@ class EsdMethod:
 
 
 def run_esd(cfg, pipe=None, on_event=None, should_stop=None, progress: bool = True):
-    from dcustom.trainers.erasure.run import ErasureResult
+    from dcustom.trainers.erasure.artifacts import ErasureResult
     from dcustom.trainers.loop import run_training
 
     start = time.perf_counter()

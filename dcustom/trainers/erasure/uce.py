@@ -16,6 +16,7 @@ A = √S Vᵀ and B = W U √S from the SVD T − I = U S Vᵀ.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -135,3 +136,40 @@ def apply_uce(pipe, edit: UceEdit) -> None:
     for name in edit.modules:
         w = modules[name].weight
         w.copy_((w.double() @ edit.transform.to(w.device)).to(w.dtype))
+
+
+def run_uce(cfg, pipe=None):
+    """`dcustom train erasure` with algorithm uce: solve, write the LoRA (or the edited model) and report.json;
+    returns an ErasureResult. `pipe` (optional) is edited in place."""
+    from dcustom.config import save_yaml
+    from dcustom.models import load_pipeline
+    from dcustom.outputs import writable_folder
+    from dcustom.trainers.erasure.artifacts import (FULL_FOLDER, LORA_FILE, ErasureResult, dcustom_metadata,
+                                                    lora_config_dict, save_full_model, save_lora_file)
+    from dcustom.trainers.loop import choose_run_dir
+
+    start = time.perf_counter()
+    # Before the model loads: a folder that cannot be written costs nothing, a finished run is never overwritten.
+    out = writable_folder(choose_run_dir(cfg.train.output_dir, None), "train.output_dir")
+    if pipe is None:
+        pipe = load_pipeline(cfg.model, dtype=cfg.dtype, device=cfg.train.device)
+    anchors = [cfg.anchor_for(i) for i in range(len(cfg.erase))]
+    u = cfg.uce
+    edit = compute_uce(pipe, list(cfg.erase), anchors, list(cfg.preserve), list(cfg.templates), lam=u.lam,
+                       erase_scale=u.erase_scale, preserve_scale=u.preserve_scale, tokens=u.tokens,
+                       preserve_empty_prompt=u.preserve_empty_prompt, max_rank=u.max_rank)
+    save_yaml(cfg, out / "config.yaml")
+    info = {"solve_seconds": round(edit.seconds, 4), "rank": edit.rank, "dropped_energy": edit.dropped_energy,
+            "edited_modules": len(edit.modules), **edit.info}
+    meta = dcustom_metadata(cfg, pipe, **info)
+    files = []
+    if cfg.output_format() == "lora":
+        files.append(save_lora_file(out / LORA_FILE, edit.lora_state,
+                                    lora_config_dict(edit.rank, edit.rank, edit.modules), meta))
+    apply_uce(pipe, edit)
+    if cfg.output_format() == "full":
+        files.append(save_full_model(pipe, out / FULL_FOLDER, meta))
+    seconds = time.perf_counter() - start
+    info["total_seconds"] = round(seconds, 3)
+    (out / "report.json").write_text(json.dumps(info, indent=2))
+    return ErasureResult(out, files, seconds, info, pipe)
