@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from dcustom.errors import DcustomError
-from dcustom.trainers.reward.rewards import Reward
+from dcustom.trainers.reward.base import Reward
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

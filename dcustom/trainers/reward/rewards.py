@@ -23,23 +23,10 @@ reward's gain minus the evaluation reward's gain.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 from dcustom.errors import DcustomError
-
-
-@dataclass
-class Reward:
-    """A named reward: `fn(images, prompts) -> [B]`; `differentiable` is False for oracles."""
-
-    name: str
-    fn: Callable
-    differentiable: bool = True
-    modules: tuple = ()  # torch modules it owns (frozen; moved with .to())
-
-    def __call__(self, images, prompts):
-        return self.fn(images, prompts)
+from dcustom.trainers.reward.base import Reward
 
 
 # -- analytic rewards ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ not, so they are never used on the gradient path.
 from __future__ import annotations
 
 from dcustom.errors import DcustomError
-from dcustom.trainers.reward.rewards import Reward
+from dcustom.trainers.reward.base import Reward
 
 
 def _judge(kind: str, options: dict, device):
