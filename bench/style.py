@@ -88,7 +88,7 @@ def main():
     from dcustom.models import family_of, load_pipeline
     from dcustom.pipelines.hooks import resolve_layers
     from dcustom.pipelines.inversion import InversionCache, invert
-    from dcustom.pipelines.style_config import StyleInjectionConfig
+    from dcustom.pipelines.style_injection import StyleInjectionConfig
     from dcustom.pipelines.transfer import stylize
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from dcustom.generate_config import GenerateConfig
+from dcustom.outputs import save_png, writable_folder
 
 log = logging.getLogger("dcustom.generate")
 
@@ -94,19 +95,6 @@ def _next_index(folder: Path) -> int:
     return max(taken, default=-1) + 1
 
 
-def save_png(image, path: Path, text: dict[str, str]) -> Path:
-    """Write a PNG with text chunks, atomically (temp name, then rename)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in text.items():
-        info.add_text(key, value)
-    tmp = path.with_name("." + path.name + ".tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
-    return path
-
-
 def run_pipeline(pipe, cfg: GenerateConfig, seeds: list[int], on_step: Optional[Callable[[int, int], None]] = None, **extra):
     """Call a diffusers pipeline for `seeds` (one image each); returns PIL images."""
     import torch
@@ -142,7 +130,6 @@ def generate(cfg: GenerateConfig, pipe=None, on_step: Optional[Callable[[int, in
     (`generate_with_style_reference`); `cache` (an InversionCache) keeps its inversion for later calls.
     """
     from dcustom.models import load_pipeline
-    from dcustom.outputs import writable_folder
 
     out = writable_folder(cfg.output_dir, "output_dir")  # before the model loads and any image is sampled
     style = load_style_reference(cfg)  # before the (slow) model load

@@ -1,4 +1,5 @@
-"""Where results go: a folder is proven writable before any work is done (torch-free)."""
+"""Where results go: a folder is proven writable before any work is done; PNGs are written atomically
+(torch-free)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,15 @@ def writable_folder(path, key: str) -> Path:
         raise DcustomError(f"{key}: cannot write to {str(path)!r} ({reason}); accepted: a folder you may write to.") from None
     return path
 
+
+def save_png(image, path: Path, text: dict[str, str]) -> Path:
+    """Write a PNG with text chunks, atomically (temp name, then rename)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    tmp = path.with_name("." + path.name + ".tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+    return path

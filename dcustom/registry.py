@@ -48,10 +48,10 @@ METHODS: dict[str, Method] = {
                                 "Textual inversion: new token vectors; with adapter lora/oft, pivotal tuning (both files)."),
     "reward": Method("reward", "train", "dcustom.trainers.reward.config:RewardTrainConfig", "dcustom.trainers.reward.trainer:run",
                      "Reward fine-tuning by backpropagation through sampling (AlignProp, DRaFT, DRaFT-K/-LV); a UNet LoRA."),
-    "style_injection": Method("style_injection", "style", "dcustom.pipelines.style_config:StyleInjectionConfig",
+    "style_injection": Method("style_injection", "style", "dcustom.pipelines.style_injection:StyleInjectionConfig",
                               "dcustom.pipelines.style_injection:run",
                               "Training-free style transfer (StyleID): content queries, style K/V, temperature, latent AdaIN."),
-    "attention_injection": Method("attention_injection", "style", "dcustom.pipelines.style_config:AttentionInjectionConfig",
+    "attention_injection": Method("attention_injection", "style", "dcustom.pipelines.attention_injection:AttentionInjectionConfig",
                                   "dcustom.pipelines.attention_injection:run",
                                   "Training-free MasaCtrl-style mutual self-attention to a reference image's K/V."),
 }

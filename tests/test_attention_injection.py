@@ -7,9 +7,8 @@ from PIL import Image
 
 from dcustom.errors import DcustomError
 from dcustom.models import load_pipeline
-from dcustom.pipelines.attention_injection import attention_injection
+from dcustom.pipelines.attention_injection import AttentionInjectionConfig, attention_injection
 from dcustom.pipelines.hooks import sampling_timesteps, steps_in_window
-from dcustom.pipelines.style_config import AttentionInjectionConfig
 from dcustom.pipelines.transfer import stylize
 
 

@@ -14,8 +14,7 @@ from dcustom.pipelines.hooks import (
     sampling_timesteps,
     steps_in_window,
 )
-from dcustom.pipelines.injection import InjectionProcessor, RecordedSource, RecordProcessor
-from dcustom.pipelines.style_injection import injection
+from dcustom.pipelines.injection import InjectionProcessor, RecordedSource, RecordProcessor, injection
 
 SPECS = ["tiny:sd15", "tiny:sdxl"]
 

@@ -12,8 +12,7 @@ from PIL import Image
 from dcustom.models import family_of, load_pipeline, toy_model_dir
 from dcustom.pipelines.hooks import resolve_layers, sampling_timesteps
 from dcustom.pipelines.inversion import InversionCache, ddim_scheduler, invert, sample_from
-from dcustom.pipelines.style_config import StyleInjectionConfig
-from dcustom.pipelines.style_injection import style_injection
+from dcustom.pipelines.style_injection import StyleInjectionConfig, style_injection
 from dcustom.pipelines.transfer import stylize
 
 STEPS = 3

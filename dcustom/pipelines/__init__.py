@@ -1,5 +1,12 @@
 """Training-free modules that hook stock diffusers pipelines.
 
+Where things live: generic pieces in hooks (select, gate, restore), features (q/k/v store), injection
+(record/inject processors, `injection()`), inversion (DDIM inversion, cache, replay), adain, images and
+transfer (the content + style engine, `StyleTransferConfig`); one module per method with its paper,
+its config and its context manager: style_injection (StyleID), attention_injection (MasaCtrl),
+style_aligned (StyleAligned). Every registered style method has `run(cfg, pipe=None, cache=None,
+on_step=None) -> result path`.
+
 Public API (re-exported lazily, so importing this package does not import torch):
 
     stylize(pipe, content_img, style_img, StyleInjectionConfig())   content + style -> StyleResult
@@ -19,7 +26,8 @@ _LAZY = {
     "sample_from": "dcustom.pipelines.inversion:sample_from",
     "InversionCache": "dcustom.pipelines.inversion:InversionCache",
     "style_injection": "dcustom.pipelines.style_injection:style_injection",
-    "injection": "dcustom.pipelines.style_injection:injection",
+    "injection": "dcustom.pipelines.injection:injection",
+    "replay_callback": "dcustom.pipelines.inversion:replay_callback",
     "attention_injection": "dcustom.pipelines.attention_injection:attention_injection",
     "shared_attention": "dcustom.pipelines.style_aligned:shared_attention",
     "style_aligned_generate": "dcustom.pipelines.style_aligned:style_aligned_generate",
@@ -30,8 +38,9 @@ _LAZY = {
     "attention_hooks": "dcustom.pipelines.hooks:attention_hooks",
     "resolve_layers": "dcustom.pipelines.hooks:resolve_layers",
     "TimestepGate": "dcustom.pipelines.hooks:TimestepGate",
-    "StyleInjectionConfig": "dcustom.pipelines.style_config:StyleInjectionConfig",
-    "AttentionInjectionConfig": "dcustom.pipelines.style_config:AttentionInjectionConfig",
+    "StyleTransferConfig": "dcustom.pipelines.transfer:StyleTransferConfig",
+    "StyleInjectionConfig": "dcustom.pipelines.style_injection:StyleInjectionConfig",
+    "AttentionInjectionConfig": "dcustom.pipelines.attention_injection:AttentionInjectionConfig",
 }
 
 from dcustom.lazy import lazy_exports  # noqa: E402

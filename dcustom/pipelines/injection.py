@@ -8,17 +8,20 @@ One injection processor covers the methods here:
 
 Features come from a `RecordedSource` (two passes: record during inversion, replay while sampling)
 or an `InBatchSource` (the reference rides in the same batch, one explicit role per image).
+`injection(pipe, layers, source, ...)` installs the processor for a block; each method's own context
+manager (`style_injection`, `attention_injection`, `shared_attention`) is a few lines on top of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from dcustom.errors import DcustomError
 from dcustom.pipelines.adain import token_adain
 from dcustom.pipelines.features import FeatureStore
-from dcustom.pipelines.hooks import HookProcessor
+from dcustom.pipelines.hooks import HookProcessor, TimestepGate, attention_hooks, require_self_attention
 
 MODES = ("replace", "concat")
 
@@ -206,3 +209,21 @@ class InjectionProcessor(HookProcessor):
         if others:
             full[torch.tensor(others, device=q.device)] = call(hidden_states[torch.tensor(others, device=q.device)])
         return full
+
+
+@contextlib.contextmanager
+def injection(pipe, layers, source, active_steps=None, gamma: float = 0.0, temperature: float = 1.0,
+              mode: str = "replace", qk_adain: bool = False):
+    """Install injection processors on `layers` (processor names), gated to `active_steps` timesteps.
+
+    Yields the `TimestepGate`; `gate.applied` lists the (layer, timestep) pairs that were injected.
+    """
+    require_self_attention(pipe.unet, layers)
+    gate = TimestepGate(active_steps)
+
+    def make(name, original, g):
+        return InjectionProcessor(name, original, g, source, gamma=gamma, temperature=temperature, mode=mode,
+                                  qk_adain=qk_adain)
+
+    with attention_hooks(pipe.unet, layers, make, gate):
+        yield gate

@@ -318,6 +318,21 @@ def invert(pipe, image, steps: int = 50, prompt: str = "", guidance: float = 1.0
     return inv
 
 
+def replay_callback(rows_to_inversions: dict, timesteps: Sequence[float]):
+    """`callback_on_step_end` that puts row r of the latents back on its inversion trajectory
+    before every UNet call (rows_to_inversions: {row: Inversion}), so a reference image rides in
+    the sampling batch with the very latents it had while it was inverted."""
+
+    def callback(_pipe, i, _t, tensors):
+        latents = tensors["latents"]
+        if i + 1 < len(timesteps):
+            for row, inv in rows_to_inversions.items():
+                latents[row] = inv.input_at(timesteps[i + 1])[0].to(latents.dtype)
+        return {"latents": latents}
+
+    return callback
+
+
 def sample_from(pipe, latents, steps: int, prompt: str = "", guidance: float = 1.0, eta: float = 0.0,
                 generator=None, callback=None):
     """DDIM sampling from `latents` with the pipeline (scheduler swapped to DDIM); returns latents."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from dcustom.pipelines.hooks import resolve_layers, sampling_timesteps, steps_in_window
-from dcustom.pipelines.injection import InBatchSource
+from dcustom.pipelines.injection import InBatchSource, injection
 
 
 SHARED_ATTENTION = "shared attention (StyleAligned): attend to [own; reference] keys/values, q/k AdaIN to the reference"
@@ -31,7 +31,6 @@ def shared_attention(pipe, n_targets: int, steps: int, layers="all_self", qk_ada
                      step_start: float = 0.0, step_end: float = 1.0, scheduler=None):
     """Shared attention for a pipeline call with 1 + n_targets images (row 0 is the reference)."""
     from dcustom.models import family_of
-    from dcustom.pipelines.style_injection import injection
 
     names = resolve_layers(pipe.unet, layers, family_of(pipe))
     active = steps_in_window(sampling_timesteps(pipe, steps, scheduler), step_start, step_end)
@@ -54,9 +53,8 @@ def style_aligned_generate(pipe, prompts: Sequence[str], style_prompt: str = "",
     """
     import torch
 
-    from dcustom.pipelines.attention_injection import replay_callback
     from dcustom.pipelines.images import model_resolution
-    from dcustom.pipelines.inversion import ddim_scheduler, invert, scheduler_swapped
+    from dcustom.pipelines.inversion import ddim_scheduler, invert, replay_callback, scheduler_swapped
 
     if height is None or width is None:
         height, width = model_resolution(pipe)

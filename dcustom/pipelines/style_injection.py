@@ -15,7 +15,8 @@ Python API::
         latents = sample_from(pipe, m.start_latent, steps=50)
     # outside the block the pipeline is stock again
 
-`stylize(pipe, content_img, style_img, StyleInjectionConfig())` does all of it.
+`stylize(pipe, content_img, style_img, StyleInjectionConfig())` (dcustom.pipelines.transfer) does all of it;
+`run(cfg)` is `dcustom style --method style_injection`.
 """
 
 from __future__ import annotations
@@ -23,9 +24,19 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+from dcustom.config import opt
 from dcustom.pipelines.adain import latent_adain
-from dcustom.pipelines.hooks import TimestepGate, attention_hooks, require_self_attention, sampling_timesteps, steps_in_window
-from dcustom.pipelines.injection import InjectionProcessor, RecordedSource
+from dcustom.pipelines.hooks import TimestepGate, sampling_timesteps, steps_in_window
+from dcustom.pipelines.injection import RecordedSource, injection
+from dcustom.pipelines.transfer import StyleTransferConfig, run_transfer
+
+
+@dataclass
+class StyleInjectionConfig(StyleTransferConfig):
+    """StyleID (Chung et al., CVPR 2024): content queries blended with γ, style K/V injected into the
+    late decoder self-attention, attention temperature T, initial-latent AdaIN. Paper defaults."""
+
+    method: str = opt("style_injection", "Method id; always 'style_injection'.")
 
 
 @dataclass
@@ -33,24 +44,6 @@ class InjectionRun:
     start_latent: object
     gate: TimestepGate
     layers: list
-
-
-@contextlib.contextmanager
-def injection(pipe, layers, source, active_steps=None, gamma: float = 0.0, temperature: float = 1.0,
-              mode: str = "replace", qk_adain: bool = False):
-    """Install injection processors on `layers` (processor names), gated to `active_steps` timesteps.
-
-    Yields the `TimestepGate`; `gate.applied` lists the (layer, timestep) pairs that were injected.
-    """
-    require_self_attention(pipe.unet, layers)
-    gate = TimestepGate(active_steps)
-
-    def make(name, original, g):
-        return InjectionProcessor(name, original, g, source, gamma=gamma, temperature=temperature, mode=mode,
-                                  qk_adain=qk_adain)
-
-    with attention_hooks(pipe.unet, layers, make, gate):
-        yield gate
 
 
 @contextlib.contextmanager
@@ -74,15 +67,6 @@ def style_injection(pipe, content, style, layers, gamma: float = 0.75, temperatu
         yield InjectionRun(start, gate, list(layers))
 
 
-def run(cfg, pipe=None, cache=None, on_step=None) -> str:
+def run(cfg: StyleInjectionConfig, pipe=None, cache=None, on_step=None) -> str:
     """`dcustom style --method style_injection`: stylize cfg.content with cfg.style, write result + grid."""
-    from dcustom.pipelines.transfer import run_transfer
-
     return run_transfer(cfg, pipe=pipe, cache=cache, on_step=on_step)
-
-
-def default_config(**overrides):
-    from dcustom.pipelines.style_config import StyleInjectionConfig
-
-    return StyleInjectionConfig(**overrides)
-

@@ -1,4 +1,8 @@
-"""Content + style → stylized image, for every style method, with either feature source.
+"""Content + style → stylized image: the engine every injection-based style method runs on.
+
+`StyleTransferConfig` holds the fields every such method shares; a method (StyleID in
+`style_injection`, MasaCtrl in `attention_injection`) is a subclass with its paper's defaults, and
+`stylize(pipe, content, style, cfg)` runs it with either feature source:
 
 - "recorded" (two passes): features are recorded while inverting (which has to happen anyway), so
   sampling is one batch-1 pass; costs feature memory (fp16, optionally offloaded, cached).
@@ -14,7 +18,58 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from dcustom.config import opt
 from dcustom.errors import DcustomError
+from dcustom.pipelines.injection import MODES
+
+FEATURE_SOURCES = ("recorded", "in_batch")
+
+
+@dataclass
+class StyleTransferConfig:
+    """Fields shared by every content + style → stylized image method."""
+
+    method: str = opt("style_injection", "Method id.")
+    model: str = opt("builtin:toy", "Base model: builtin:toy, tiny:sd15|sd2|sdxl, a diffusers folder, a checkpoint file or a hub id.")
+    content: str = opt("", "Content image file (any size or mode; converted to the model's resolution).")
+    style: str = opt("", "Style image file (any size or mode).")
+    output: str = opt("outputs/style/result.png", "Result PNG; a content | style | result grid is written next to it as <name>-grid.png.")
+    steps: int = opt(50, "DDIM steps, used for both inversion and sampling.")
+    gamma: float = opt(0.75, "Query preservation γ: q = γ·q_content + (1−γ)·q (0 disables it).")
+    temperature: float = opt(1.5, "Attention temperature T: logits × T before softmax (1 disables it).")
+    layers: str = opt("decoder_self_late", "Self-attention layers: a family preset (decoder_self_late, decoder_self, all_self, ...) or a regex over unet.attn_processors names.")
+    step_start: float = opt(0.0, "Inject from this fraction of the sampling steps on (0 = from the first step).")
+    step_end: float = opt(1.0, "Stop injecting at this fraction of the sampling steps (1 = through the last).")
+    mode: str = opt("replace", "'replace': attend to the style's K/V only; 'concat': attend to [own; style] K/V.")
+    init_adain: bool = opt(True, "Ablation switch: give the content's inverted latent the style latent's channel mean/std.")
+    inject_attention: bool = opt(True, "Ablation switch: inject style K/V into self-attention (off = plain sampling from the start latent).")
+    feature_source: str = opt("recorded", "'recorded': record features during inversion and replay them (two passes); 'in_batch': the references ride in the sampling batch, replayed from their inversion trajectories.")
+    prompt: str = opt("", "Text prompt while sampling (StyleID uses the empty prompt).")
+    guidance: float = opt(1.0, "Classifier-free guidance while sampling (1 = off, as StyleID).")
+    eta: float = opt(0.0, "DDIM eta; 0 is deterministic, > 0 adds seeded noise.")
+    seed: int = opt(0, "Seed of the sampling noise (only used when eta > 0).")
+    feature_dtype: str = opt("fp16", "Precision of recorded features: fp16 (half the memory) or fp32.")
+    offload: bool = opt(False, "Keep recorded features in CPU memory (saves accelerator memory, ~30% slower on GPU).")
+    cache_dir: Optional[str] = opt(None, "Folder for cached inversions (trajectory + features) keyed by image, model, scheduler, steps, layers and dtype; null keeps them in memory only.")
+    resolution: Optional[int] = opt(None, "Square working resolution in pixels; null uses the model's default.")
+    dtype: str = opt("auto", "Weights precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps.")
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be between 0 and 1, got {self.gamma}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.step_start <= self.step_end <= 1.0:
+            raise ValueError(f"need 0 <= step_start <= step_end <= 1, got {self.step_start} and {self.step_end}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not known; accepted: {', '.join(MODES)}")
+        if self.feature_source not in FEATURE_SOURCES:
+            raise ValueError(f"feature_source {self.feature_source!r} is not known; accepted: {', '.join(FEATURE_SOURCES)}")
+        if self.feature_dtype not in ("fp16", "fp32"):
+            raise ValueError(f"feature_dtype {self.feature_dtype!r} is not known; accepted: fp16, fp32")
 
 
 @dataclass
@@ -47,9 +102,9 @@ def stylize(pipe, content, style, cfg, cache=None, on_step=None) -> StyleResult:
     from dcustom.pipelines.adain import latent_adain
     from dcustom.pipelines.hooks import resolve_layers, sampling_timesteps, steps_in_window
     from dcustom.pipelines.images import fit, model_resolution
-    from dcustom.pipelines.injection import InBatchSource, RecordedSource
-    from dcustom.pipelines.inversion import InversionCache, ddim_scheduler, decode_latents, invert, sample_from
-    from dcustom.pipelines.style_injection import injection
+    from dcustom.pipelines.injection import InBatchSource, RecordedSource, injection
+    from dcustom.pipelines.inversion import (InversionCache, ddim_scheduler, decode_latents, invert, replay_callback,
+                                             sample_from)
 
     if cfg.eta and cfg.inject_attention and cfg.feature_source == "in_batch":
         raise DcustomError("eta > 0 cannot be used with feature_source 'in_batch' (the batch shares one noise draw with "
@@ -98,14 +153,12 @@ def stylize(pipe, content, style, cfg, cache=None, on_step=None) -> StyleResult:
         roles = ("content", "style", "target") if use_q else ("style", "target")
         batch = torch.cat([inv.input_at(timesteps[0]) for inv in refs] + [start])
 
+        put_back = replay_callback(dict(enumerate(refs)), timesteps)
+
         def replay(_pipe, i, _t, tensors):
             # Before the next UNet call, put each reference back on its inversion trajectory.
             tick()
-            lat = tensors["latents"]
-            if i + 1 < len(timesteps):
-                for row, inv in enumerate(refs):
-                    lat[row] = inv.input_at(timesteps[i + 1])[0].to(lat.dtype)
-            return {"latents": lat}
+            return put_back(_pipe, i, _t, tensors)
 
         with injection(pipe, layers, InBatchSource(roles), active, gamma=cfg.gamma, temperature=cfg.temperature,
                        mode=cfg.mode) as gate:
@@ -121,8 +174,8 @@ def run_transfer(cfg, pipe=None, cache=None, on_step=None) -> str:
     import json
 
     from dcustom.config import to_dict
-    from dcustom.generate import save_png
     from dcustom.models import load_pipeline
+    from dcustom.outputs import save_png
     from dcustom.pipelines.images import grid, read_image
 
     if not cfg.content:

@@ -109,7 +109,7 @@ class EsdMethod:
 
     def sample(self, step: int, folder: Path) -> list[Path]:
         """One image per erased concept (fixed seed), drawn by the model being trained."""
-        from dcustom.generate import save_png
+        from dcustom.outputs import save_png
 
         paths = []
         for i, concept in enumerate(self.cfg.erase):
