@@ -2,8 +2,8 @@
 
 The full bars (every base prompt x 3 seeds, VAE PSNR, CPU time) are `dcustom eval base --bars`
 (dcustom/toyworld/bars.py). Here: 48 of the 192 base prompts, one seed, the generate defaults,
-J_eval; thresholds are the bars minus a margin for the smaller sample (prompt 0.90 -> 0.85,
-each attribute 0.95 -> 0.90). Runs only where the toy model is installed.
+J_eval; thresholds are the bars minus a margin for the smaller sample (prompt 0.95 -> 0.90,
+each attribute 0.97 -> 0.92). Runs only where the toy model is installed.
 """
 
 from __future__ import annotations

@@ -10,16 +10,16 @@ from dcustom.config import opt
 
 @dataclass
 class ToyModelConfig:
-    vae_channels: List[int] = opt([32, 64, 128], "AutoencoderKL block widths; 3 blocks = two 2x downsamples: 64x64 -> 16x16.")
+    vae_channels: List[int] = opt([16, 32, 64], "AutoencoderKL block widths; 3 blocks = two 2x downsamples: 64x64 -> 16x16.")
     vae_layers_per_block: int = opt(1, "ResNet layers per VAE block.")
-    latent_channels: int = opt(4, "Latent channels (SD uses 4).")
-    text_hidden: int = opt(128, "CLIPTextModel hidden size (= UNet cross-attention dim).")
-    text_layers: int = opt(3, "CLIPTextModel transformer layers.")
+    latent_channels: int = opt(8, "Latent channels (SD1/SDXL use 4, SD3 16; 8 carries the held-out subjects' details here).")
+    text_hidden: int = opt(64, "CLIPTextModel hidden size (= UNet cross-attention dim).")
+    text_layers: int = opt(2, "CLIPTextModel transformer layers.")
     text_heads: int = opt(4, "CLIPTextModel attention heads.")
     text_max_length: int = opt(32, "Tokenizer model_max_length (captions are at most ~16 tokens).")
-    unet_channels: List[int] = opt([64, 128, 160], "UNet block widths at 16x16, 8x8, 4x4 (7.2 M parameters: 14.5 MB in fp16, under the 16 MiB file limit).")
+    unet_channels: List[int] = opt([64, 96, 96], "UNet block widths at 16x16, 8x8, 4x4.")
     unet_layers_per_block: int = opt(1, "ResNet layers per UNet block.")
-    unet_head_dim: int = opt(32, "Channels per attention head in the UNet.")
+    unet_head_dim: int = opt(16, "Channels per attention head in the UNet.")
     unet_cross_attention_levels: int = opt(2, "How many of the highest-resolution UNet levels get cross-attention "
                                            "(the mid block always has it).")
 
@@ -63,31 +63,31 @@ def _check_widths(key: str, widths, why: str, exactly: int | None = None, at_mos
 
 @dataclass
 class TextStageConfig:
-    steps: int = opt(1500, "Text-encoder alignment steps (0 skips the stage).")
-    batch_size: int = opt(512, "Captions per step.")
+    steps: int = opt(200, "Text-encoder alignment steps (0 skips the stage).")
+    batch_size: int = opt(128, "Captions per step.")
     lr: float = opt(1e-3, "AdamW learning rate.")
     freeze_after: bool = opt(True, "Freeze the text encoder for the UNet stage (a fixed, pre-aligned conditioning).")
 
 
 @dataclass
 class VaeStageConfig:
-    steps: int = opt(4000, "AutoencoderKL steps.")
-    batch_size: int = opt(128, "Images per step.")
-    lr: float = opt(1e-3, "AdamW learning rate (cosine decay, 200 warmup steps).")
+    steps: int = opt(8000, "AutoencoderKL steps.")
+    batch_size: int = opt(16, "Images per step.")
+    lr: float = opt(2e-3, "AdamW learning rate (cosine decay, 200 warmup steps).")
     kl_weight: float = opt(1e-6, "KL term weight (SD-like: tiny, latents stay informative).")
     object_weight: float = opt(2.0, "Extra reconstruction weight on object pixels.")
-    generic_fraction: float = opt(0.0, "Fraction of each batch drawn from generic procedural images (random polygons, "
+    generic_fraction: float = opt(0.5, "Fraction of each batch drawn from generic procedural images (random polygons, "
                                        "colours, textures and small details; never a subject) instead of base renders, "
                                        "so the autoencoder carries what the base split never shows.")
-    generic_images: int = opt(0, "Generic images rendered for the VAE stage (0 = none).")
+    generic_images: int = opt(20000, "Generic images rendered for the VAE stage (0 = none).")
 
 
 @dataclass
 class UnetStageConfig:
-    steps: int = opt(12000, "UNet optimizer steps.")
-    batch_size: int = opt(256, "Latents per step.")
-    lr: float = opt(1e-3, "Peak AdamW learning rate.")
-    warmup_steps: int = opt(500, "Linear warmup steps.")
+    steps: int = opt(4000, "UNet optimizer steps.")
+    batch_size: int = opt(32, "Latents per step.")
+    lr: float = opt(1.5e-3, "Peak AdamW learning rate.")
+    warmup_steps: int = opt(50, "Linear warmup steps.")
     min_lr_ratio: float = opt(0.05, "Cosine decay floor as a fraction of lr.")
     weight_decay: float = opt(0.01, "AdamW weight decay.")
     grad_clip: float = opt(1.0, "Max gradient norm.")
@@ -103,9 +103,9 @@ class UnetStageConfig:
 @dataclass
 class CurveConfig:
     every: int = opt(1000, "Measure per-attribute judge accuracy every N UNet steps (and at the end).")
-    prompts: int = opt(48, "Held-out prompts per measurement (fixed seed).")
-    sampling_steps: int = opt(20, "DDIM steps when sampling for the curve.")
-    guidance: float = opt(5.0, "Classifier-free guidance scale when sampling for the curve.")
+    prompts: int = opt(16, "Held-out prompts per measurement (fixed seed).")
+    sampling_steps: int = opt(10, "DDIM steps when sampling for the curve.")
+    guidance: float = opt(4.0, "Classifier-free guidance scale when sampling for the curve.")
     judge: Literal["eval", "train"] = opt("eval", "Judge that reports the curve (J_eval only ever reports).")
 
 
@@ -118,7 +118,7 @@ class ToyBaseConfig:
     mixed_precision: Literal["auto", "no", "bf16"] = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU.")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default).")
     compile: bool = opt(False, "torch.compile the UNet (CUDA only).")
-    pool_size: int = opt(200_000, "Rendered training images (base split only), encoded to latents once.")
+    pool_size: int = opt(3000, "Rendered training images (base split only), encoded to latents once.")
     captions_per_image: int = opt(4, "Captions pre-drawn per image (synonyms, templates); one is picked per step.")
     render_workers: int = opt(0, "Processes rendering the pool (0 = one per CPU core, at most 16).")
     min_size: float = opt(30.0, "Smallest object diameter in pixels (larger objects bind shape better).")
@@ -130,10 +130,10 @@ class ToyBaseConfig:
     vae: VaeStageConfig = opt(VaeStageConfig(), "Stage 2: the autoencoder.")
     unet: UnetStageConfig = opt(UnetStageConfig(), "Stage 3: the denoiser on cached latents.")
     curve: CurveConfig = opt(CurveConfig(), "Learning curve.")
-    checkpoint_every: int = opt(2000, "Save a resumable checkpoint every N optimizer steps (all stages counted).")
+    checkpoint_every: int = opt(500, "Save a resumable checkpoint every N optimizer steps (all stages counted).")
     keep_checkpoints: int = opt(2, "Checkpoints kept (older ones are deleted).")
     resume: bool = opt(True, "Continue from the newest checkpoint in output_dir if there is one.")
-    time_budget_minutes: float = opt(0.0, "Wall-clock cap for this invocation (0 = none). When it runs out the run "
+    time_budget_minutes: float = opt(150.0, "Wall-clock cap for this invocation (0 = none). When it runs out the run "
                                           "checkpoints; inside the UNet stage it also measures and exports the "
                                           "current EMA model (marked partial), so a lease that ends early still "
                                           "leaves a model. Run the same command again to continue.")

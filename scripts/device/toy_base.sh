@@ -45,7 +45,7 @@ run)
         mkdir -p "$RUN_DIR"
         nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi here"
         setsid nohup bash -c "python3 -c 'from dcustom.cli import main; main()' toyworld train-base \
-            --config configs/toy_base.yaml --set output_dir=$RUN_DIR --set render_workers=16 \
+            --config configs/toy_base_gpu.yaml --set output_dir=$RUN_DIR --set render_workers=16 \
             --set time_budget_minutes=${TOY_BUDGET_MIN:-22} ${TOY_SET:-} >> $RUN_DIR/train.log 2>&1 && touch $RUN_DIR/DONE" \
             >/dev/null 2>&1 < /dev/null &
         echo $! > "$RUN_DIR/pid"
