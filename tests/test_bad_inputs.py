@@ -825,7 +825,8 @@ def test_an_optimizer_file_with_code_is_refused_without_running_it(ckpt_run, tmp
 
 
 def test_a_half_deleted_checkpoint_is_not_listed_and_resume_takes_the_complete_one(ckpt_run):
-    from dcustom.trainers.loop import checkpoint_dirs, run_training
+    from dcustom.trainers.loop import run_training
+    from dcustom.trainers.run_folder import checkpoint_dirs
 
     (ckpt_run / "checkpoints" / "step-2" / "trainable.safetensors").unlink()  # what a kill mid-delete left
     assert [p.name for p in checkpoint_dirs(ckpt_run)] == ["step-1"]
@@ -837,7 +838,8 @@ def test_a_half_deleted_checkpoint_is_not_listed_and_resume_takes_the_complete_o
 
 
 def test_a_kill_during_pruning_leaves_nothing_listed_and_it_is_cleared_next_time(ckpt_run):
-    from dcustom.trainers.loop import checkpoint_dirs, run_training
+    from dcustom.trainers.loop import run_training
+    from dcustom.trainers.run_folder import checkpoint_dirs
 
     ckpts = ckpt_run / "checkpoints"
     (ckpts / "step-1").rename(ckpts / "step-1.deleting")  # pruning renames first, then deletes

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dcustom.errors import DcustomError
-from dcustom.trainers.loop import LoopConfig, find_checkpoint, run_training
+from dcustom.trainers.loop import LoopConfig, run_training
+from dcustom.trainers.run_folder import find_checkpoint
 
 
 class Regression:

@@ -1,71 +1,38 @@
 """The shared training shell: every trainer (LoRA/OFT/BOFT, textual inversion, ESD, reward) runs here.
 
-How a method plugs in
----------------------
-Write a plain class with these methods and call ``run_training(method, loop_cfg, run_config=cfg)``:
-
-    setup(ctx) -> Sequence
-        Load models, freeze what is frozen, add adapters. Return the training items: any sized,
-        indexable sequence (images, prompts, ``range(n)``). The LOOP owns the order: it draws
-        ``batch_size`` items per micro-batch from a seeded per-epoch permutation, so data order is a
-        pure function of the step and resume needs no sampler state.
-        ``ctx`` (LoopContext) gives: accelerator, device, weight_dtype (dtype for FROZEN weights under
-        mixed precision), cfg (LoopConfig), run_dir, rank, num_processes, is_main.
-        Honour ``ctx.cfg.gradient_checkpointing`` on your own models.
-    trainable_parameters() -> dict[str, torch.nn.Parameter]
-        Named trainable parameters (stable names: checkpoints store them by name). The loop casts
-        them to fp32, builds the optimizer over them and all-reduces their gradients across ranks.
-    training_step(batch: list, step: int) -> torch.Tensor
-        One micro-batch (a list of items from setup's sequence); return a scalar loss. It runs under
-        ``accelerator.autocast()``; ``step`` is the 0-based optimizer step being accumulated.
-        Use torch's global RNG (the loop seeds it and checkpoints its state) for noise/timesteps.
-    after_optimizer_step(step: int) -> None
-        Called after each optimizer step (``step`` = steps done so far): e.g. re-impose a constraint.
-    save(folder: Path) -> list[Path]
-        Write the method's deliverable files (adapter, embedding...) into ``folder``; main process only.
-        Called for each checkpoint folder and once for the run folder at the end.
-Optional:
-    sample(step: int, folder: Path) -> list[Path]   validation images every ``sample_every`` steps.
-    extra_state() -> dict / load_extra_state(dict)  JSON-able state that is not a parameter.
-
-What the loop does: accelerate (devices, autocast, fp16 grad scaling, process groups), gradient
-accumulation, clipping, AdamW (bitsandbytes 8-bit on CUDA when installed), LR schedule with
-warmup, seeding, NaN/inf-loss stop, events (``events.jsonl`` + rich bar + ``on_event`` callback),
-cancellation (``should_stop`` callable/Event, or a ``STOP`` file in the run folder), atomic
-checkpoints ``checkpoints/step-N/`` and exact resume (weights, optimizer, scheduler, step, RNG).
+A method plugs in by subclassing `TrainingMethod` (the contract, below) and calling
+``run_training(method, loop_cfg, run_config=cfg)``. What the loop does: accelerate (devices, autocast,
+fp16 grad scaling, process groups), gradient accumulation, clipping, AdamW (bitsandbytes 8-bit on CUDA
+when installed), LR schedule with warmup, seeding, NaN/inf-loss stop, events (``events.jsonl`` + rich
+bar + ``on_event`` callback), cancellation (``should_stop`` callable/Event, or a ``STOP`` file in the
+run folder), atomic checkpoints ``checkpoints/step-N/`` and exact resume (weights, optimizer,
+scheduler, step, RNG), both in `dcustom.trainers.run_folder`.
 
 Run folder: config.yaml, events.jsonl, samples/, checkpoints/step-N/, the final files of ``save``.
-A finished run is never overwritten: a new run (without ``resume``) whose output folder holds one
-writes to the next free ``<output_dir>-2``, ``-3``, ... and says so. Checkpoints hold only
-safetensors, JSON and a ``weights_only`` optimizer file: nothing a checkpoint holds is unpickled.
 Torch is imported inside functions so config modules can import LoopConfig cheaply.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from dcustom.config import check_values, opt, save_yaml
 from dcustom.errors import DcustomError
 from dcustom.outputs import writable_folder
+from dcustom.trainers.run_folder import (check_outside_inputs, choose_run_dir, find_checkpoint, load_checkpoint,
+                                         rng_state, save_checkpoint)
 
 log = logging.getLogger("dcustom.train")
-CHECKPOINT_PREFIX = "step-"
-CHECKPOINT_FILES = ("state.json", "trainable.safetensors", "optimizer.pt")
-RNG_FILE = "rng.json"
-OLD_RNG_FILE = "rng.pkl"  # written by dcustom before RNG state became JSON; never read
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
-# Files that runs not ending through this loop write last (UCE erasure, an early-stopped reward run).
-FINISHED_MARKERS = ("report.json", "reward_report.json")
 
 
 @dataclass
@@ -121,6 +88,61 @@ class TrainResult:
         return f"{self.status} at step {self.step}: {self.run_dir}"
 
 
+class TrainingMethod:
+    """What a method supplies to `run_training`: subclass it and override the first four; the rest have defaults.
+
+    The loop calls, in order: `setup` once, then per optimizer step `training_step` for each micro-batch and
+    `after_optimizer_step`; `sample` every ``sample_every`` steps and at the end; `save` for each checkpoint
+    folder and once for the run folder at the end; `extra_state` / `load_extra_state` with each checkpoint.
+    A class that does not subclass it works too, as long as it has the four required methods.
+    """
+
+    def setup(self, ctx: LoopContext) -> Sequence:
+        """Load models, freeze what is frozen, add adapters; return the training items: any sized, indexable
+        sequence (images, prompts, ``range(n)``). The LOOP owns the order: it draws ``batch_size`` items per
+        micro-batch from a seeded per-epoch permutation, so data order is a pure function of the step and resume
+        needs no sampler state. Honour ``ctx.cfg.gradient_checkpointing`` on your own models."""
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> dict:
+        """{stable name: torch.nn.Parameter} (checkpoints store them by name). The loop casts them to fp32,
+        builds the optimizer over them and all-reduces their gradients across ranks."""
+        raise NotImplementedError
+
+    def training_step(self, batch: list, step: int):
+        """One micro-batch (a list of items from `setup`'s sequence) -> a scalar loss tensor. Runs under
+        ``accelerator.autocast()``; ``step`` is the 0-based optimizer step being accumulated. Draw noise and
+        timesteps from torch's global RNG: the loop seeds it and checkpoints its state."""
+        raise NotImplementedError
+
+    def save(self, folder: Path) -> list:
+        """Write the method's deliverable files (adapter, embedding...) into ``folder``; main process only."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, step: int) -> None:
+        """After each optimizer step (``step`` = steps done so far): e.g. re-impose a constraint."""
+
+    def sample(self, step: int, folder: Path) -> list:
+        """Validation images into ``folder`` (main process, no grad, forked RNG); returns their paths."""
+        return []
+
+    def extra_state(self) -> dict:
+        """JSON-able state that is not a parameter, stored with each checkpoint."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what `extra_state` returned, on resume."""
+
+
+REQUIRED = ("setup", "trainable_parameters", "training_step", "save")
+
+
+def _hook(method, name: str) -> Callable:
+    """`method.<name>`, or TrainingMethod's default when a method that does not subclass it leaves it out."""
+    own = getattr(method, name, None)
+    return own if own is not None else functools.partial(getattr(TrainingMethod, name), method)
+
+
 class EventLog:
     """Appends events to events.jsonl (main process) and forwards them to a callback and a bar."""
 
@@ -137,91 +159,6 @@ class EventLog:
         if self.callback is not None:
             self.callback(record)
         return record
-
-
-def _step_dirs(run_dir: Path) -> list[Path]:
-    folder = Path(run_dir) / "checkpoints"
-    found = [p for p in folder.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def is_complete_checkpoint(path: Path) -> bool:
-    """All files a checkpoint is written with (old pickle-RNG ones count, so resume can refuse them by name)."""
-    path = Path(path)
-    return all((path / n).is_file() for n in CHECKPOINT_FILES) and any((path / n).is_file() for n in (RNG_FILE, OLD_RNG_FILE))
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """The run's complete checkpoints, oldest first (a folder a kill left half-deleted is not one)."""
-    return [p for p in _step_dirs(run_dir) if is_complete_checkpoint(p)]
-
-
-def find_checkpoint(run_dir: Path, resume: str) -> Path:
-    """'latest', a step number or a folder -> the checkpoint folder, or one clear error."""
-    existing = checkpoint_dirs(run_dir)
-    if resume == "latest":
-        if not existing:
-            raise DcustomError(f"resume: 'latest' found no checkpoint under {str(Path(run_dir) / 'checkpoints')!r}.")
-        return existing[-1]
-    if str(resume).isdigit():
-        path = Path(run_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{int(resume)}"
-    else:
-        path = Path(resume)
-    if not is_complete_checkpoint(path):
-        names = ", ".join(p.name for p in existing) or "none"
-        raise DcustomError(f"resume: {str(path)!r} is not a checkpoint folder; accepted: 'latest', a step number "
-                           f"or a checkpoints/step-N folder (this run has: {names}).")
-    return path
-
-
-def finished_run(run_dir: Path) -> bool:
-    """True when `run_dir` holds a run that ended with its final files written."""
-    run_dir = Path(run_dir)
-    if any((run_dir / name).is_file() for name in FINISHED_MARKERS):
-        return True
-    events = run_dir / "events.jsonl"
-    if not events.is_file():
-        return False
-    for line in events.read_text(errors="replace").splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a kill
-        if not isinstance(e, dict):
-            continue
-        # The final save comes before the end event: a kill between them still leaves a finished run.
-        if (e.get("event") == "end" and e.get("status") == "finished") or (e.get("event") == "save" and not e.get("checkpoint")):
-            return True
-    return False
-
-
-def choose_run_dir(output_dir: str, resume: Optional[str], key: str = "train.output_dir") -> Path:
-    """The folder a run writes to: `output_dir`, or the next free `<output_dir>-N` when it holds a finished run
-    and this is no resume. Writes nothing (every rank decides before any rank creates a folder)."""
-    if Path(output_dir).is_file():
-        raise DcustomError(f"{key}: {output_dir!r} is a file, not a folder; accepted: a folder path (created if missing).")
-    run_dir = Path(output_dir)
-    if not resume and finished_run(run_dir):
-        base = run_dir if run_dir.name else run_dir.resolve()
-        n = 2
-        while base.with_name(f"{base.name}-{n}").exists():
-            n += 1
-        fresh = base.with_name(f"{base.name}-{n}")
-        log.warning("%s %r holds a finished run, which is never overwritten; this run writes to %r "
-                    "(set train.resume to continue that run instead).", key, str(run_dir), str(fresh))
-        run_dir = fresh
-    return run_dir
-
-
-def _check_outside_inputs(run_dir: Path, run_config) -> None:
-    """The image folder is only ever read: a run folder inside it would write into it."""
-    images = getattr(getattr(run_config, "data", None), "images", None)
-    if not images:
-        return
-    inputs, out = Path(images).resolve(), run_dir.resolve()
-    if out == inputs or inputs in out.parents:
-        raise DcustomError(f"train.output_dir: {str(run_dir)!r} is inside data.images {str(images)!r}, which dcustom never "
-                           "writes to; accepted: a run folder outside the image folder.")
 
 
 def _mixed_precision(name: str, device: str) -> str:
@@ -266,154 +203,6 @@ def _batch_indices(micro_index: int, batch_size: int, n_items: int, seed: int, r
     return out
 
 
-def _rng_state() -> dict:
-    """Every RNG the loop seeds, as JSON values: a checkpoint must never need unpickling."""
-    import base64
-    import random
-
-    import numpy as np
-    import torch
-
-    version, internal, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii"),
-             "python": {"version": version, "internal": list(internal), "gauss_next": gauss},
-             "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                       "cached_gaussian": float(cached)}}
-    if torch.cuda.is_available():
-        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode("ascii") for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _parse_rng_state(state: dict) -> dict:
-    """JSON RNG state -> the objects torch, random and numpy take; KeyError/ValueError/TypeError on damage."""
-    import base64
-
-    import numpy as np
-    import torch
-
-    def tensor(text):
-        return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8)
-
-    py, npy = state["python"], state["numpy"]
-    out = {"torch": tensor(state["torch"]),
-           "python": (int(py["version"]), tuple(int(v) for v in py["internal"]), py["gauss_next"]),
-           "numpy": (str(npy["name"]), np.array(npy["keys"], dtype=np.uint32), int(npy["pos"]), int(npy["has_gauss"]),
-                     float(npy["cached_gaussian"]))}
-    if "cuda" in state:
-        out["cuda"] = [tensor(t) for t in state["cuda"]]
-    return out
-
-
-def _set_rng_state(state: dict) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _remove_folder(path: Path) -> None:
-    """Rename, then delete: a kill while deleting leaves a `.deleting` folder that is never listed as a checkpoint."""
-    trash = path.with_name(path.name + ".deleting")
-    shutil.rmtree(trash, ignore_errors=True)
-    path.rename(trash)
-    shutil.rmtree(trash, ignore_errors=True)
-
-
-def _save_checkpoint(run_dir: Path, step: int, method, params: dict, optimizer, scheduler, keep: int,
-                     rng_states: list) -> Path:
-    """Write checkpoints/step-N under a temp name, then rename: a crash never leaves half a checkpoint."""
-    import torch
-    from safetensors.torch import save_file
-
-    final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: p.detach().float().cpu().contiguous() for k, p in params.items()}, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    (tmp / RNG_FILE).write_text(json.dumps({"format": 1, "ranks": rng_states}))  # one state per rank
-    extra = method.extra_state() if hasattr(method, "extra_state") else {}
-    (tmp / "state.json").write_text(json.dumps({"step": step, "extra": extra}))
-    method.save(tmp)
-    if final.exists():
-        _remove_folder(final)
-    tmp.rename(final)
-    for leftover in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*.deleting"):
-        shutil.rmtree(leftover, ignore_errors=True)  # from a kill during an earlier prune
-    complete = checkpoint_dirs(run_dir)
-    stale = [p for p in _step_dirs(run_dir) if p not in complete]  # half-deleted by an older dcustom
-    if keep > 0:
-        stale += complete[:-keep]
-    for old in stale:
-        _remove_folder(old)
-    return final
-
-
-def _load_checkpoint(path: Path, method, params: dict, optimizer, scheduler, rank: int = 0) -> int:
-    """Restore everything from checkpoint `path` (read and checked in full before anything changes)."""
-    import pickle
-
-    import torch
-    from safetensors.torch import load_file
-
-    where = f"resume: checkpoint {str(path)!r}"
-    if not (path / RNG_FILE).is_file():
-        raise DcustomError(f"{where} was written by an older dcustom that kept its RNG state as a pickle ({OLD_RNG_FILE}), "
-                           "which is never loaded because unpickling can run code; resume from a checkpoint written by "
-                           "this version or start the run again.")
-    try:
-        saved = load_file(str(path / "trainable.safetensors"))
-    except Exception as exc:  # safetensors raises its own error types for every kind of damage
-        raise DcustomError(f"{where}: trainable.safetensors is damaged ({_first_line(exc)}); resume from another checkpoint.") from None
-    try:
-        state = json.loads((path / "state.json").read_text())
-        step = int(state["step"])
-        rng_file = json.loads((path / RNG_FILE).read_text())
-        states = [_parse_rng_state(s) for s in rng_file["ranks"]]
-        rng = states[rank] if rank < len(states) else states[0]
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as exc:
-        raise DcustomError(f"{where}: state.json or {RNG_FILE} is damaged ({_first_line(exc)}); resume from another checkpoint.") from None
-    try:
-        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise DcustomError(f"{where}: optimizer.pt holds Python objects other than tensors, which dcustom never unpickles; "
-                           "resume from a checkpoint dcustom wrote.") from None
-    except Exception as exc:
-        raise DcustomError(f"{where}: optimizer.pt is damaged ({_first_line(exc)}); resume from another checkpoint.") from None
-    missing = sorted(set(params) - set(saved))
-    if missing:
-        raise DcustomError(f"resume: checkpoint {str(path)!r} lacks trainable parameter {missing[0]!r}; it was made by a different method or config.")
-    wrong = [k for k, p in params.items() if tuple(saved[k].shape) != tuple(p.shape)]
-    if wrong:
-        raise DcustomError(f"{where}: trainable parameter {wrong[0]!r} has shape {list(saved[wrong[0]].shape)} there but "
-                           f"{list(params[wrong[0]].shape)} here; it was made by a different method or config.")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name].to(p.device, p.dtype))
-    try:
-        optimizer.load_state_dict(opt_state["optimizer"])
-        scheduler.load_state_dict(opt_state["scheduler"])
-        _set_rng_state(rng)
-    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise DcustomError(f"{where}: its optimizer or RNG state does not fit this run ({_first_line(exc)}); it was "
-                           "made by a different method or config.") from None
-    if hasattr(method, "load_extra_state"):
-        method.load_extra_state(state.get("extra", {}))
-    return step
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def _all_reduce_grads(accelerator, params: list) -> None:
     """Average gradients over processes in one flat buffer (no DDP wrapper: methods own their models)."""
     import torch
@@ -432,7 +221,7 @@ def _all_reduce_grads(accelerator, params: list) -> None:
 
 def run_training(method, cfg: LoopConfig, run_config=None, on_event: Optional[Callable[[dict], None]] = None,
                  should_stop=None, progress: bool = True) -> TrainResult:
-    """Train `method` (see module doc) under `cfg`; returns where the run stopped and its files."""
+    """Train `method` (a TrainingMethod) under `cfg`; returns where the run stopped and its files."""
     import contextlib
     import math
 
@@ -443,6 +232,10 @@ def run_training(method, cfg: LoopConfig, run_config=None, on_event: Optional[Ca
 
     from dcustom.models import resolve_device
 
+    missing = [name for name in REQUIRED if not callable(getattr(method, name, None))]
+    if missing:
+        raise TypeError(f"{type(method).__name__} has no {missing[0]}(); a training method needs "
+                        f"{', '.join(REQUIRED)} (see dcustom.trainers.loop.TrainingMethod).")
     if dataclasses.is_dataclass(run_config):  # the Python API gets the checks a YAML file gets
         check_values(run_config, "")
     check_values(cfg, "train")
@@ -450,7 +243,7 @@ def run_training(method, cfg: LoopConfig, run_config=None, on_event: Optional[Ca
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.mixed_precision, device), cpu=device == "cpu")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     run_dir = choose_run_dir(cfg.output_dir, cfg.resume)
-    _check_outside_inputs(run_dir, run_config)
+    check_outside_inputs(run_dir, run_config)
     if str(run_dir) != cfg.output_dir:
         old, cfg = cfg, dataclasses.replace(cfg, output_dir=str(run_dir))
         if run_config is not None and getattr(run_config, "train", None) is old:
@@ -493,8 +286,9 @@ def run_training(method, cfg: LoopConfig, run_config=None, on_event: Optional[Ca
 
     step = 0
     if cfg.resume:
-        step = _load_checkpoint(find_checkpoint(run_dir, cfg.resume), method, params, optimizer.optimizer, scheduler,
-                                accelerator.process_index)
+        step, extra = load_checkpoint(find_checkpoint(run_dir, cfg.resume), params, optimizer.optimizer, scheduler,
+                                      accelerator.process_index)
+        _hook(method, "load_extra_state")(extra)
     bar_cm = contextlib.nullcontext(None)
     if progress and is_main:
         from dcustom.progress import step_progress
@@ -534,7 +328,7 @@ def run_training(method, cfg: LoopConfig, run_config=None, on_event: Optional[Ca
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            method.after_optimizer_step(step)
+            _hook(method, "after_optimizer_step")(step)
             last_loss = total
             events.emit("step", step=step, total=cfg.steps, loss=total, lr=scheduler.get_last_lr()[0],
                         elapsed_s=round(time.perf_counter() - t0, 3))
@@ -564,10 +358,10 @@ def _checkpoint(accelerator, run_dir, step, method, params, optimizer, scheduler
     from accelerate.utils import gather_object
 
     accelerator.wait_for_everyone()
-    rng_states = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]
+    rng_states = gather_object([rng_state()]) if accelerator.num_processes > 1 else [rng_state()]
     if accelerator.is_main_process:
-        path = _save_checkpoint(run_dir, step, method, params, optimizer.optimizer, scheduler, cfg.keep_checkpoints,
-                                rng_states)
+        path = save_checkpoint(run_dir, step, params, optimizer.optimizer, scheduler, cfg.keep_checkpoints, rng_states,
+                               _hook(method, "extra_state")(), method.save)
         events.emit("save", step=step, folder=str(path), checkpoint=True)
     accelerator.wait_for_everyone()
 
@@ -576,12 +370,13 @@ def _sample(method, step: int, run_dir: Path, events: EventLog, is_main: bool) -
     """Validation images; forked RNG so sampling never changes the training trajectory."""
     import torch
 
-    if not is_main or not hasattr(method, "sample"):
+    sample = getattr(method, "sample", None)
+    if not is_main or sample is None:  # a method that does not subclass TrainingMethod may have no samples
         return
     folder = run_dir / "samples" / f"step-{step}"
     folder.mkdir(parents=True, exist_ok=True)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
-        paths = method.sample(step, folder)
+        paths = sample(step, folder)
     if paths:
         events.emit("sample", step=step, paths=[str(p) for p in paths])

@@ -25,6 +25,7 @@ import torch
 
 from dcustom.trainers.erasure.conditioning import Cond, encode, predict, unconditional
 from dcustom.trainers.erasure.selection import selected_modules
+from dcustom.trainers.loop import TrainingMethod
 
 ADAPTER_NAME = "erasure"
 
@@ -34,8 +35,8 @@ def esd_target(eps_base: torch.Tensor, eps_concept: torch.Tensor, eta: float) ->
     return eps_base - eta * (eps_concept - eps_base)
 
 
-class EsdMethod:
-    """The ESD recipe as a method of the shared training loop (see dcustom/trainers/loop.py)."""
+class EsdMethod(TrainingMethod):
+    """The ESD recipe as a method of the shared training loop (dcustom.trainers.loop)."""
 
     def __init__(self, cfg, pipe=None):
         self.cfg, self.pipe = cfg, pipe
@@ -86,9 +87,6 @@ class EsdMethod:
     def training_step(self, batch, step):
         losses = [self._loss(ci, ti) for ci, ti in batch]
         return torch.stack(losses).mean()
-
-    def after_optimizer_step(self, step):
-        pass
 
     def save(self, folder: Path) -> list[Path]:
         from dcustom.trainers.erasure.artifacts import (FULL_FOLDER, LORA_FILE, dcustom_metadata, save_full_model,

@@ -146,7 +146,7 @@ def run_uce(cfg, pipe=None):
     from dcustom.outputs import writable_folder
     from dcustom.trainers.erasure.artifacts import (FULL_FOLDER, LORA_FILE, ErasureResult, dcustom_metadata,
                                                     lora_config_dict, save_full_model, save_lora_file)
-    from dcustom.trainers.loop import choose_run_dir
+    from dcustom.trainers.run_folder import choose_run_dir
 
     start = time.perf_counter()
     # Before the model loads: a folder that cannot be written costs nothing, a finished run is never overwritten.

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dcustom.errors import DcustomError
+from dcustom.trainers.loop import TrainingMethod
 from dcustom.trainers.reward.config import RewardTrainConfig
 
 
@@ -34,8 +35,8 @@ def read_prompts(cfg: RewardTrainConfig) -> list[str]:
     return list(cfg.prompts)
 
 
-class RewardMethod:
-    """The reward fine-tuning method, in the shape `dcustom.trainers.loop.run_training` expects."""
+class RewardMethod(TrainingMethod):
+    """The reward fine-tuning method on the shared loop (`dcustom.trainers.loop.run_training`)."""
 
     def __init__(self, cfg: RewardTrainConfig):
         self.cfg = cfg
@@ -108,9 +109,6 @@ class RewardMethod:
                                    "grad_steps": result.grad_steps, "grad_calls": result.grad_calls,
                                    "kl": None if result.kl is None else float(result.kl.detach())})
         return loss
-
-    def after_optimizer_step(self, step: int) -> None:
-        pass
 
     def save(self, folder: Path) -> list[Path]:
         from dcustom.trainers.reward.lora import save_reward_lora
