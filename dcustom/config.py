@@ -6,6 +6,8 @@
 - values are checked against the ranges and choices declared on the fields (`opt(..., ge=1)`), so
   `dcustom config check` and `dcustom train` accept and refuse the same files;
 - an error names where the bad value came from: the YAML file, or the override (`--set`, a flag);
+- a key that moved (a config class lists it in its `moved_keys` ClassVar, old dotted key -> new) is
+  refused in one sentence naming the new key, never silently ignored;
 - `to_yaml(cfg, comments=True)` writes a commented YAML whose comments are the fields' help texts.
 
 Torch-free on purpose: `dcustom config print` must be instant.
@@ -13,6 +15,7 @@ Torch-free on purpose: `dcustom config print` must be instant.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -185,13 +188,34 @@ def _join(where: str, name: str) -> str:
     return f"{where} {name}" if where.endswith(":") else f"{where}.{name}"
 
 
-def from_dict(cls, data: dict, where: str = "config"):
-    """Build dataclass `cls` from a mapping, strictly: unknown keys name the allowed ones.
+def moved_key_error(cls, path: list[str], where: str) -> DcustomError | None:
+    """The error for dotted key `path` when `cls` declares it moved (`moved_keys`), else None."""
+    new = getattr(cls, "moved_keys", {}).get(".".join(path))
+    if new is None:
+        return None
+    return DcustomError(f"{where}: key {'.'.join(path)!r} has moved to {new!r}; write it there instead.")
 
-    `where` names the source; a trailing ':' marks a file, whose keys are then written 'file: a.b'."""
+
+def _moved_in(cls, data: dict, where: str) -> None:
+    for old in getattr(cls, "moved_keys", {}):
+        node, parts = data, old.split(".")
+        for part in parts[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and parts[-1] in node:
+            raise moved_key_error(cls, parts, where)
+
+
+def from_dict(cls, data: dict, where: str = "config", base=None):
+    """Build dataclass `cls` from a mapping, strictly: unknown keys name the allowed ones, moved keys their
+    new place.
+
+    `where` names the source; a trailing ':' marks a file, whose keys are then written 'file: a.b'. Keys the
+    mapping leaves out take their values from `base` (an instance of `cls`), else the class defaults; a section
+    given in part starts from the section's default in its parent (`lora: {rank: 4}` keeps the method's alpha)."""
     label = where.rstrip(":")
     if not isinstance(data, dict):
         raise DcustomError(f"{label}: expected a mapping of keys to values, got {type(data).__name__}.")
+    _moved_in(cls, data, label)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]
     if unknown:
@@ -200,8 +224,15 @@ def from_dict(cls, data: dict, where: str = "config"):
     kwargs = {}
     for name, value in data.items():
         key = _join(where, name)
-        kwargs[name] = coerce(value, hints[name], key)
+        section = _dataclass_in(hints[name])
+        if section is not None and isinstance(value, dict):
+            default = getattr(base, name) if base is not None else _default_of(fields[name])
+            kwargs[name] = from_dict(section, value, key, base=default if isinstance(default, section) else None)
+        else:
+            kwargs[name] = coerce(value, hints[name], key)
         check_field(kwargs[name], fields[name], key)
+    if base is not None:
+        kwargs.update({n: copy.deepcopy(getattr(base, n)) for n in fields if n not in kwargs})
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -253,6 +284,9 @@ def apply_overrides(cls, data: dict, overrides) -> dict:
     data = dict(data)
     for text in overrides or ():
         path, value = parse_override(text)
+        moved = moved_key_error(cls, path, f"override {text!r}")
+        if moved is not None:
+            raise moved
         target_cls, node = cls, data
         for i, part in enumerate(path):
             fields = {f.name for f in dataclasses.fields(target_cls) if f.init}
@@ -273,6 +307,15 @@ def apply_overrides(cls, data: dict, overrides) -> dict:
                 node[part] = dict(child) if isinstance(child, dict) else {}
                 node, target_cls = node[part], sub_cls
     return data
+
+
+def _default_of(f: dataclasses.Field):
+    """The default value of field `f` (a fresh one from its factory), or None when it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def _field(cls, name: str) -> dataclasses.Field:

@@ -74,3 +74,33 @@ def test_bad_yaml_file(tmp_path):
     path.write_text("- a list\n")
     with pytest.raises(DcustomError, match="must hold a mapping of keys to values"):
         load_config(Example, path)
+
+
+@dataclass
+class Tuned:
+    """A config whose section default differs from the section class's defaults, and one key that moved."""
+
+    moved_keys = {"optimizer.learning_rate": "optimizer.lr", "old_steps": "steps"}  # a ClassVar: no annotation
+    steps: int = opt(10, "Steps.")
+    optimizer: Optim = opt(Optim(lr=3e-3, betas=(0.5, 0.5)), "Optimizer settings.")
+
+
+def test_a_partial_section_starts_from_its_default_in_the_parent():
+    cfg = from_dict(Tuned, {"optimizer": {"betas": [0.8, 0.9]}})
+    assert cfg.optimizer == Optim(lr=3e-3, betas=(0.8, 0.9))  # lr from Tuned's default, not Optim's 1e-4
+    assert load_config(Tuned, overrides=["optimizer.betas=[0.1,0.2]"]).optimizer.lr == 3e-3
+    assert from_dict(Tuned, {}).optimizer == Optim(lr=3e-3, betas=(0.5, 0.5))
+    assert from_dict(Example, {"optimizer": {"lr": 2.0}}).optimizer == Optim(lr=2.0)  # plain defaults stay
+
+
+def test_a_moved_key_names_its_new_place(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer:\n  learning_rate: 0.1\n")
+    with pytest.raises(DcustomError) as err:
+        load_config(Tuned, path)
+    assert str(err.value) == f"{path}: key 'optimizer.learning_rate' has moved to 'optimizer.lr'; write it there instead."
+    with pytest.raises(DcustomError) as err:
+        load_config(Tuned, overrides=["old_steps=3"])
+    assert str(err.value) == "override 'old_steps=3': key 'old_steps' has moved to 'steps'; write it there instead."
+    with pytest.raises(DcustomError, match=r"^config: key 'old_steps' has moved to 'steps'"):
+        from_dict(Tuned, {"old_steps": 3})
