@@ -62,13 +62,14 @@ def test_text_encoder_lora_checks_peft_before_loading_the_model(monkeypatch, tmp
     from dcustom.config import load_config
     from dcustom.trainers.adapter.config import LoraTrainConfig
     from dcustom.trainers.adapter.trainer import AdapterMethod
+    from dcustom.trainers.denoising import DenoisingObjective
 
     cfg = load_config(LoraTrainConfig, ROOT / "configs" / "lora.yaml",
                       overrides=["model=tiny:sd15", "text_encoder_lora=true"])
     real = environment._version
     monkeypatch.setattr(environment, "_version", lambda d: "0.1.0" if d == "peft" else real(d))
     loaded = []
-    monkeypatch.setattr(AdapterMethod, "_load_frozen_pipeline", lambda self, ctx: loaded.append(1))
+    monkeypatch.setattr(DenoisingObjective, "load", lambda self, ctx: loaded.append(1))
     with pytest.raises(DcustomError, match="peft 0.1.0 is too old"):
         AdapterMethod(cfg).setup(None)
     assert loaded == []

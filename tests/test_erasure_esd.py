@@ -147,7 +147,7 @@ def test_training_moves_the_concept_towards_the_target(tmp_path, tiny_pipe):
             return torch.nn.functional.mse_loss(predict(pipe.unet, x, t, concept), target)
 
     before = distance()
-    cfg = make_cfg(tmp_path, erase=["star"], esd={"ddim_steps": 4, "negative_guidance": 1.0, "lora_rank": 4},
+    cfg = make_cfg(tmp_path, erase=["star"], esd={"ddim_steps": 4, "negative_guidance": 1.0}, lora={"rank": 4},
                    train={"output_dir": str(tmp_path / "run"), "device": "cpu", "steps": 20, "lr": 3e-3,
                           "checkpoint_every": 0})
     run(cfg, pipe=pipe, progress=False)

@@ -27,7 +27,7 @@ SHAPES = ["circle", "square", "triangle", "cross", "diamond"]
 TEMPLATES = ["{}", "a {}", "a red {}", "a blue {}", "a {} on a white background", "a picture of a {}"]
 SETTINGS = {
     "uce": {"uce": {"lam": 0.5, "tokens": "concept_and_after"}},
-    "esd_x": {"esd": {"ddim_steps": 20, "negative_guidance": 1.0, "train_mode": "lora", "lora_rank": 8},
+    "esd_x": {"esd": {"ddim_steps": 20, "negative_guidance": 1.0, "train_mode": "lora"}, "lora": {"rank": 8},
               "train": {"steps": 200, "lr": 5e-4, "checkpoint_every": 0}},
 }
 

@@ -18,7 +18,8 @@ from dcustom.data import DataConfig
 from dcustom.errors import DcustomError
 from dcustom.models import load_pipeline
 from dcustom.trainers.loop import LoopConfig, run_training
-from dcustom.trainers.textual_inversion.config import PivotalAdapterOptions, TextualInversionTrainConfig
+from dcustom.trainers.peft_adapters import LoraAdapterConfig
+from dcustom.trainers.textual_inversion.config import PivotalAdapterConfig, TextualInversionTrainConfig
 from dcustom.trainers.textual_inversion.trainer import TextualInversionMethod, train
 
 PROMPT = "a photo of <toy-subject>"
@@ -135,7 +136,7 @@ def _meta(path):
 
 def test_pivotal_lora_trains_vectors_first_then_saves_both_files_that_load_together(images, tmp_path):
     cfg = make_cfg("sd15", images, tmp_path / "run", adapter="lora", embedding_fraction=0.5, embedding_lr=5e-2,
-                   train={"lr": 1e-2}, adapter_options=PivotalAdapterOptions(rank=4, alpha=2.0))
+                   train={"lr": 1e-2}, lora=LoraAdapterConfig(rank=4, alpha=2.0))
     method, result = run(cfg)
     h = method.history
     vec = "embeddings.text_encoder"
@@ -161,7 +162,7 @@ def test_pivotal_lora_trains_vectors_first_then_saves_both_files_that_load_toget
 
 def test_pivotal_oft_sdxl_adapter_waits_for_its_start_step(images, tmp_path):
     cfg = make_cfg("sdxl", images, tmp_path / "run", adapter="oft",
-                   adapter_options=PivotalAdapterOptions(block_size=8, start_step=1))
+                   adapter_options=PivotalAdapterConfig(block_size=8, start_step=1))
     method, result = run(cfg)
     h = method.history
     oft = [k for k in h[0] if k.startswith("unet.")]
@@ -176,7 +177,7 @@ def test_pivotal_oft_sdxl_adapter_waits_for_its_start_step(images, tmp_path):
 
 
 def test_resume_is_exact(images, tmp_path):
-    kw = dict(adapter="lora", embedding_fraction=0.5, num_vectors=2, adapter_options=PivotalAdapterOptions(rank=2),
+    kw = dict(adapter="lora", embedding_fraction=0.5, num_vectors=2, lora=LoraAdapterConfig(rank=2, alpha=8.0),
               prompts="templates")
     full = train(make_cfg("sd15", images, tmp_path / "a", train={"steps": 4}, **kw), progress=False)
     seen = []

@@ -86,7 +86,8 @@ def test_pivotal_tuning_recognises_the_subject_at_least_as_well_as_lora(tmp_path
     from dcustom.trainers.adapter.config import LoraTrainConfig
     from dcustom.trainers.adapter.trainer import train as train_adapter
     from dcustom.trainers.loop import LoopConfig
-    from dcustom.trainers.textual_inversion.config import PivotalAdapterOptions, TextualInversionTrainConfig
+    from dcustom.trainers.peft_adapters import LoraAdapterConfig
+    from dcustom.trainers.textual_inversion.config import TextualInversionTrainConfig
     from dcustom.trainers.textual_inversion.trainer import train as train_ti
 
     torch.manual_seed(0)
@@ -110,7 +111,7 @@ def test_pivotal_tuning_recognises_the_subject_at_least_as_well_as_lora(tmp_path
         "textual_inversion": lambda: train_ti(ti_config("ti", train=loop("ti", EMBEDDING_LR)), progress=False),
         "pivotal_lora": lambda: train_ti(ti_config("pivotal", train=loop("pivotal", LORA_LR), embedding_lr=EMBEDDING_LR,
                                                    adapter="lora", embedding_fraction=0.5,
-                                                   adapter_options=PivotalAdapterOptions(rank=8, alpha=8.0)),
+                                                   lora=LoraAdapterConfig(rank=8, alpha=8.0)),
                                          progress=False),
     }
     figures = {"base": _judge(load_pipeline("builtin:toy", device="cpu"), "sks square")}

@@ -1,4 +1,7 @@
-"""Configs of the adapter trainer (torch-free): one schema per method id, sharing the common part."""
+"""Configs of the adapter trainer (torch-free): one schema per method id, sharing the common part.
+
+`LoraTrainConfig` is the LoRA settings every method shares (`LoraAdapterConfig`: rank, alpha, dropout, dora,
+init) plus the adapter trainer's common part, so the lora method's YAML keeps them at its top level."""
 
 from __future__ import annotations
 
@@ -8,8 +11,7 @@ from typing import Optional
 from dcustom.config import opt
 from dcustom.data import DataConfig
 from dcustom.trainers.loop import LoopConfig
-
-ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+from dcustom.trainers.peft_adapters import ATTN_TARGETS, LoraAdapterConfig
 
 
 @dataclass
@@ -33,12 +35,8 @@ class AdapterTrainConfig:
 
 
 @dataclass
-class LoraTrainConfig(AdapterTrainConfig):
+class LoraTrainConfig(LoraAdapterConfig, AdapterTrainConfig):
     method: str = opt("lora", "Always 'lora'.")
-    rank: int = opt(16, "LoRA rank r.", ge=1)
-    alpha: float = opt(16.0, "LoRA alpha: the update is scaled by alpha / rank (saved as the true alpha).", gt=0)
-    dropout: float = opt(0.0, "LoRA dropout.", ge=0, lt=1)
-    dora: bool = opt(False, "DoRA: weight-decomposed LoRA (learns a per-output magnitude).")
     text_encoder_lora: bool = opt(False, "Also train LoRA on the text encoder(s) (disables text caching).")
     text_encoder_rank: int = opt(8, "Rank of the text-encoder LoRA.", ge=1)
     text_encoder_alpha: Optional[float] = opt(None, "Alpha of the text-encoder LoRA (its update is scaled by alpha / text_encoder_rank); null: the same as alpha.")

@@ -9,16 +9,17 @@ Three algorithms share one config:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from dcustom.config import opt
 from dcustom.trainers.loop import LoopConfig
+from dcustom.trainers.peft_adapters import LoraAdapterConfig
 
 ALGORITHMS = ("uce", "esd_x", "esd_u")
 
 
 @dataclass
-class UceOptions:
+class UceConfig:
     lam: float = opt(0.5, "λ: weight keeping each projection close to the original (larger = smaller edit).")
     erase_scale: float = opt(1.0, "Weight of mapping each erased concept onto its anchor.")
     preserve_scale: float = opt(1.0, "Weight of keeping the preserved concepts' keys/values unchanged.")
@@ -37,24 +38,23 @@ class UceOptions:
 
 
 @dataclass
-class EsdOptions:
+class EsdConfig:
     negative_guidance: float = opt(1.0, "η: the target is ε(x,∅) − η·(ε(x,c) − ε(x,∅)) from the frozen model.")
     start_guidance: float = opt(3.0, "CFG scale of the frozen model's partial sampling that produces x_t.")
     ddim_steps: int = opt(50, "DDIM steps of that sampling; x_t stops at a uniformly drawn step.")
     train_mode: Literal["lora", "weights"] = opt(
-        "lora", "lora: a LoRA on the selected layers (composable file); weights: fine-tune the selected weights.")
-    lora_rank: int = opt(8, "LoRA rank (train_mode lora).")
-    lora_alpha: float = opt(8.0, "LoRA alpha (scale alpha/rank).")
+        "lora", "lora: a LoRA on the selected layers (its settings: the lora section; a composable file); "
+                "weights: fine-tune the selected weights.")
 
     def __post_init__(self):
         if self.ddim_steps < 1:
             raise ValueError(f"esd.ddim_steps must be at least 1, got {self.ddim_steps}")
-        if self.lora_rank < 1:
-            raise ValueError(f"esd.lora_rank must be at least 1, got {self.lora_rank}")
 
 
 @dataclass
 class ErasureTrainConfig:
+    moved_keys: ClassVar[dict] = {"esd.lora_rank": "lora.rank", "esd.lora_alpha": "lora.alpha"}
+
     method: str = opt("erasure", "Config kind; always 'erasure'.")
     algorithm: Literal["uce", "esd_x", "esd_u"] = opt(
         "uce", "uce (closed form, seconds), esd_x (ESD on cross-attention) or esd_u (ESD on the rest).")
@@ -70,8 +70,10 @@ class ErasureTrainConfig:
         "auto", "lora: a diffusers LoRA file (loads with pipe.load_lora_weights, composes with other adapters); "
         "full: a whole diffusers model folder with the edited weights; auto: lora, except full for esd.train_mode weights.")
     dtype: str = opt("auto", "Weights precision: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")
-    uce: UceOptions = opt(UceOptions(), "UCE settings (algorithm uce).")
-    esd: EsdOptions = opt(EsdOptions(), "ESD settings (algorithms esd_x, esd_u).")
+    uce: UceConfig = opt(UceConfig(), "UCE settings (algorithm uce).")
+    esd: EsdConfig = opt(EsdConfig(), "ESD settings (algorithms esd_x, esd_u).")
+    lora: LoraAdapterConfig = opt(LoraAdapterConfig(rank=8, alpha=8.0),
+                                  "The LoRA ESD trains on the selected layers (esd.train_mode lora); dora is not available.")
     train: LoopConfig = opt(
         LoopConfig(output_dir="runs/erasure", steps=200, lr=1e-4, checkpoint_every=100),
         "Run folder and training loop (ESD); UCE uses only output_dir, device and seed.")
@@ -88,6 +90,9 @@ class ErasureTrainConfig:
         overlap = set(self.erase) & set(self.preserve)
         if overlap:
             raise ValueError(f"concept {sorted(overlap)[0]!r} is both erased and preserved")
+        if self.lora.dora:
+            raise ValueError("lora.dora is not available for erasure (its file is a plain LoRA that stacks with others); "
+                             "set it to false")
 
         if self.algorithm != "uce" and self.save_format != "auto" and self.save_format != self.output_format():
             raise ValueError(f"esd.train_mode {self.esd.train_mode!r} writes save_format {self.output_format()!r}; "

@@ -59,10 +59,9 @@ class EsdMethod(TrainingMethod):
         unet = pipe.unet
         self.modules = selected_modules(unet, cfg.algorithm)
         if cfg.esd.train_mode == "lora":
-            from peft import LoraConfig
+            from dcustom.trainers.peft_adapters import lora_config
 
-            unet.add_adapter(LoraConfig(r=cfg.esd.lora_rank, lora_alpha=cfg.esd.lora_alpha, init_lora_weights="gaussian",
-                                        target_modules=list(self.modules)), adapter_name=ADAPTER_NAME)
+            unet.add_adapter(lora_config(cfg.lora, self.modules), adapter_name=ADAPTER_NAME)
             self.params = {n: p for n, p in unet.named_parameters() if "lora_" in n}
         else:
             self.frozen_unet = copy.deepcopy(unet).eval()

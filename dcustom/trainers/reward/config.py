@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from dcustom.config import opt
 from dcustom.trainers.loop import LoopConfig
+from dcustom.trainers.peft_adapters import ATTN_TARGETS, LoraAdapterConfig
 
 POLICIES = ("draft", "draft_k", "draft_lv", "alignprop_step", "alignprop_trajectory")
 REWARD_NAMES = ("colourfulness", "compressibility", "aesthetic", "clip_score", "toy_attribute", "toy_alignment")
 
 
 @dataclass
-class SamplerSettings:
+class SamplerConfig:
     steps: int = opt(20, "DDIM steps of each training trajectory (the papers use 50).", ge=1)
     guidance: float = opt(5.0, "Classifier-free guidance scale (<= 1 disables CFG).")
     eta: float = opt(0.0, "DDIM eta; > 0 injects noise, drawn up front (reparameterised).")
@@ -25,7 +26,7 @@ class SamplerSettings:
 
 
 @dataclass
-class PolicySettings:
+class PolicyConfig:
     name: str = opt("draft_k", "Which UNet calls keep gradients: " + ", ".join(POLICIES) + ".")
     k: int = opt(1, "draft_k: number of last steps in the graph.")
     lv_copies: int = opt(2, "draft_lv: re-noised copies of x0, each taking one grad step.")
@@ -40,7 +41,7 @@ class PolicySettings:
 
 
 @dataclass
-class RewardSettings:
+class RewardConfig:
     name: str = opt("colourfulness", "Reward: " + ", ".join(REWARD_NAMES) + ".")
     options: dict[str, Any] = opt({}, "Reward options, e.g. {head: colour, value: red} for toy_attribute, "
                                       "{clip_path: ..., head_path: ...} for aesthetic, {judge_path: ...}.")
@@ -57,15 +58,7 @@ class RewardSettings:
 
 
 @dataclass
-class LoraSettings:
-    rank: int = opt(4, "LoRA rank (AlignProp/TRL: 4; DRaFT: 8 small scale, 32 large).", ge=1)
-    alpha: Optional[float] = opt(None, "LoRA alpha; null = rank (scale 1).", gt=0)
-    targets: list[str] = opt(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get a LoRA.")
-    init: str = opt("gaussian", "peft init_lora_weights: gaussian (B = 0, A Gaussian) or true.")
-
-
-@dataclass
-class EvalSettings:
+class EvalConfig:
     prompts: list[str] = opt([], "Evaluation prompts; empty uses the training prompts.")
     images_per_prompt: int = opt(2, "Fixed seeds per evaluation prompt.")
     seed: int = opt(1234, "First evaluation seed (fixed across evaluations).")
@@ -88,14 +81,24 @@ def _reward_loop_defaults() -> LoopConfig:
 
 @dataclass
 class RewardTrainConfig:
+    moved_keys: ClassVar[dict] = {"lora.targets": "target_modules"}
+
     method: str = opt("reward", "Config kind; always 'reward'.")
     model: str = opt("tiny:sd15", "Base model: builtin:toy, tiny:sd15|sd2|sdxl, a diffusers folder, a checkpoint file or a hub id.")
     prompts: list[str] = opt(["a red circle on a white background"], "Training prompts; each micro-batch draws train.batch_size of them.")
     prompt_file: Optional[str] = opt(None, "A text file with one training prompt per line (replaces prompts).")
-    sampler: SamplerSettings = opt(SamplerSettings(), "The differentiable sampler.")
-    policy: PolicySettings = opt(PolicySettings(), "Gradient policy: which UNet calls keep gradients.")
-    reward: RewardSettings = opt(RewardSettings(), "The reward and the loss built from it.")
-    lora: LoraSettings = opt(LoraSettings(), "The LoRA trained on the UNet.")
-    eval: EvalSettings = opt(EvalSettings(), "Evaluation every train.sample_every steps: rewards, report, early stopping.")
+    sampler: SamplerConfig = opt(SamplerConfig(), "The differentiable sampler.")
+    policy: PolicyConfig = opt(PolicyConfig(), "Gradient policy: which UNet calls keep gradients.")
+    reward: RewardConfig = opt(RewardConfig(), "The reward and the loss built from it.")
+    lora: LoraAdapterConfig = opt(LoraAdapterConfig(rank=4, alpha=None),
+                                  "The LoRA trained on the UNet (rank: AlignProp/TRL 4; DRaFT 8 at small scale, 32 at large); "
+                                  "dora is not available.")
+    target_modules: list[str] = opt(list(ATTN_TARGETS), "UNet modules that get the LoRA (peft target_modules).")
+    eval: EvalConfig = opt(EvalConfig(), "Evaluation every train.sample_every steps: rewards, report, early stopping.")
     preflight_gradient_check: bool = opt(True, "Before training, check that the reward's gradient reaches every LoRA B matrix.")
     train: LoopConfig = opt(_reward_loop_defaults(), "The shared training loop.")
+
+    def __post_init__(self):
+        if self.lora.dora:
+            raise ValueError("lora.dora is not available for reward fine-tuning (its LoRA is scaled at evaluation); "
+                             "set it to false")

@@ -10,23 +10,21 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from dcustom.trainers.peft_adapters import ATTN_TARGETS, LoraAdapterConfig, lora_config
+
 ADAPTER_NAME = "reward"
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-def add_reward_lora(unet, rank: int = 4, alpha: float | None = None, targets=DEFAULT_TARGETS,
-                    init: str = "gaussian") -> dict:
-    """Freeze the UNet and add a LoRA adapter; returns {name: parameter} of the trainable weights.
+def add_reward_lora(unet, lora: LoraAdapterConfig | None = None, target_modules=ATTN_TARGETS) -> dict:
+    """Freeze the UNet and add a LoRA adapter (default: rank 4, alpha = rank); returns {name: parameter} of
+    the trainable weights.
 
     `init="gaussian"` (as AlignProp/TRL) draws A from a Gaussian and sets B = 0, so the adapted
     model starts exactly at the base model; consequently only B gets gradient at the first step.
     """
-    from peft import LoraConfig
-
     unet.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(targets),
-                        init_lora_weights=init)
-    unet.add_adapter(config, adapter_name=ADAPTER_NAME)
+    lora = lora if lora is not None else LoraAdapterConfig(rank=4, alpha=None)
+    unet.add_adapter(lora_config(lora, target_modules), adapter_name=ADAPTER_NAME)
     return lora_parameters(unet)
 
 

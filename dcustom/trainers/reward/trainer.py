@@ -66,7 +66,7 @@ class RewardMethod(TrainingMethod):
         for name in family_of(pipe).text_encoders:
             getattr(pipe, name).requires_grad_(False)
         pipe.vae.requires_grad_(False)
-        self.params = add_reward_lora(pipe.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.init)
+        self.params = add_reward_lora(pipe.unet, cfg.lora, cfg.target_modules)
         s = cfg.sampler
         self.sampler = RewardSampler(pipe, s.steps, s.guidance, s.eta, s.height, s.width, s.checkpoint_unet,
                                      s.checkpoint_vae or ctx.cfg.gradient_checkpointing)

@@ -2,40 +2,40 @@
 
 Textual inversion learns new token vectors only; pivotal tuning is the same run with `adapter: lora`
 or `oft`: the new vectors train for the first `embedding_fraction` of the steps, the adapter from
-`adapter_options.start_step` to the end, and both files are saved.
+`adapter_options.start_step` to the end, and both files are saved. The LoRA's rank, alpha, dropout
+and DoRA are the `lora:` section (`LoraAdapterConfig`, the same in every method that trains a LoRA).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from dcustom.config import opt
 from dcustom.data import DataConfig
 from dcustom.trainers.loop import LoopConfig
-
-ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+from dcustom.trainers.peft_adapters import ATTN_TARGETS, LoraAdapterConfig
 
 
 @dataclass
-class PivotalAdapterOptions:
-    rank: int = opt(8, "LoRA rank r (adapter lora).")
-    alpha: float = opt(8.0, "LoRA alpha: the update is scaled by alpha / rank (saved as the true alpha).", gt=0)
-    dropout: float = opt(0.0, "LoRA dropout.", ge=0, lt=1)
+class PivotalAdapterConfig:
     block_size: int = opt(32, "OFT block size (adapter oft; must divide each targeted layer's input width).")
     target_modules: list = opt(list(ATTN_TARGETS), "UNet Linear layers the adapter wraps (peft target_modules).")
     start_step: int = opt(0, "Optimizer step at which the adapter starts training (0: from the start).")
     write_kohya: bool = opt(True, "Also write lora_kohya.safetensors (A1111/Forge/ComfyUI keys) for a LoRA.")
 
     def __post_init__(self):
-        if self.rank < 1 or self.block_size < 1:
-            raise ValueError("adapter_options.rank and adapter_options.block_size must be at least 1")
+        if self.block_size < 1:
+            raise ValueError("adapter_options.block_size must be at least 1")
         if self.start_step < 0:
             raise ValueError(f"adapter_options.start_step must be >= 0, got {self.start_step}")
 
 
 @dataclass
 class TextualInversionTrainConfig:
+    moved_keys: ClassVar[dict] = {"adapter_options.rank": "lora.rank", "adapter_options.alpha": "lora.alpha",
+                                  "adapter_options.dropout": "lora.dropout"}
+
     method: str = opt("textual_inversion", "Config kind; always 'textual_inversion'.")
     model: str = opt("tiny:sd15", "Base model: builtin:toy, tiny:sd15|sd2|sdxl, a diffusers folder, a checkpoint file or a hub id.")
     data: DataConfig = opt(DataConfig(instance_prompt="a photo of <toy-subject>", cache_text=False),
@@ -54,7 +54,8 @@ class TextualInversionTrainConfig:
     embedding_lr: Optional[float] = opt(None, "Learning rate of the new vectors; null: train.lr (set it when an adapter trains at train.lr).")
     adapter: Literal["none", "lora", "oft"] = opt("none", "Pivotal tuning: also train a LoRA or OFT adapter on the UNet (none: vectors only).")
     embedding_fraction: float = opt(1.0, "Share of the steps during which the vectors train (pivotal tuning: e.g. 0.5); then they are frozen.")
-    adapter_options: PivotalAdapterOptions = opt(PivotalAdapterOptions(), "The adapter of pivotal tuning.")
+    adapter_options: PivotalAdapterConfig = opt(PivotalAdapterConfig(), "The adapter of pivotal tuning: where it goes, when it starts.")
+    lora: LoraAdapterConfig = opt(LoraAdapterConfig(rank=8, alpha=8.0), "The LoRA of pivotal tuning (adapter lora).")
     min_snr_gamma: Optional[float] = opt(5.0, "Min-SNR-gamma loss weighting (null disables).", gt=0)
     noise_offset: float = opt(0.0, "Noise offset (e.g. 0.05); 0 disables.", ge=0)
     validation_prompts: list = opt(["a photo of <toy-subject> on a striped background"], "Prompts rendered as samples (every train.sample_every steps and at the end).")

@@ -1,8 +1,9 @@
 """Textual inversion (new token vectors) and pivotal tuning (the vectors plus a LoRA/OFT adapter).
 
-Runs inside `dcustom.trainers.loop` and reuses the adapter trainer's data, noise, timestep and loss
-code (`AdapterMethod`: cached latents, buckets, flips, ε/v targets, min-SNR-γ, SDXL conditioning,
-validation samples) and its peft injection; only the text side differs.
+Runs inside `dcustom.trainers.loop` as a `TrainingMethod`. It holds the same `DenoisingObjective` as
+the adapter trainer (cached latents, buckets, flips, ε/v targets, min-SNR-γ, SDXL conditioning,
+validation samples) and builds the pivotal-tuning adapter with the same `peft_adapters` functions
+(`lora_config` from the `lora:` settings, `oft_config`, `save_adapter_files`); only the text side differs.
 
 How only the new rows learn: the tokens are added to each tokenizer and the embedding matrix grows
 by their rows, but the matrix itself stays frozen. The trainable parameter is a small
@@ -25,9 +26,9 @@ from pathlib import Path
 
 from dcustom.config import to_dict
 from dcustom.errors import DcustomError
-from dcustom.trainers.adapter.config import LoraTrainConfig, OftTrainConfig
-from dcustom.trainers.adapter.trainer import AdapterMethod, peft_config_for
-from dcustom.trainers.loop import LoopContext, run_training
+from dcustom.trainers.denoising import DenoisingObjective
+from dcustom.trainers.loop import LoopContext, TrainingMethod, run_training
+from dcustom.trainers.peft_adapters import check_targets, lora_config, oft_config, peft_version, save_adapter_files
 from dcustom.trainers.textual_inversion.config import TextualInversionTrainConfig
 
 log = logging.getLogger("dcustom.train")
@@ -59,51 +60,66 @@ class TokenSlot:
     spans: list  # per placeholder token: slice of its rows
 
 
-def adapter_config(cfg: TextualInversionTrainConfig):
-    """The adapter trainer's config for the pivotal-tuning adapter (drives peft injection, checks and files)."""
-    o = cfg.adapter_options
-    common = dict(model=cfg.model, data=cfg.data, train=cfg.train, target_modules=list(o.target_modules))
+def pivotal_peft_config(cfg: TextualInversionTrainConfig):
+    """peft's config for the pivotal-tuning adapter: the `lora:` settings or an OFT of adapter_options.block_size."""
+    targets = cfg.adapter_options.target_modules
     if cfg.adapter == "lora":
-        return LoraTrainConfig(rank=o.rank, alpha=o.alpha, dropout=o.dropout, write_kohya=o.write_kohya, **common)
+        return lora_config(cfg.lora, targets)
     if cfg.adapter == "oft":
-        return OftTrainConfig(block_size=o.block_size, extract_rank=0, write_merged=False, **common)
+        return oft_config(cfg.adapter_options.block_size, targets)
     raise DcustomError(f"adapter: {cfg.adapter!r} is not known; accepted: none, lora, oft.")
 
 
-class TextualInversionMethod(AdapterMethod):
+class TextualInversionMethod(TrainingMethod):
     def __init__(self, cfg: TextualInversionTrainConfig, pipe=None):
-        super().__init__(cfg, pipe)
-        self.adapter = None  # AdapterMethod of the pivotal-tuning adapter (injection, checks, files)
-        self.adapter_params = {}
+        self.cfg = cfg
+        self.objective = DenoisingObjective(cfg.model, cfg.data, cfg.min_snr_gamma, cfg.noise_offset, pipe)
+        self.adapter_params = {}  # the pivotal-tuning adapter's parameters (empty without one)
         self.frozen_deltas = None
         self.held_adapter = None
+
+    @property
+    def pipe(self):
+        return self.objective.pipe
+
+    @property
+    def family(self):
+        return self.objective.family
+
+    @property
+    def used(self) -> list:
+        return self.objective.used
+
+    @property
+    def skipped(self) -> list:
+        return self.objective.skipped
 
     # --- loop interface -------------------------------------------------------------------
     def setup(self, ctx: LoopContext):
         cfg = self.cfg
-        pipe = self._load_frozen_pipeline(ctx)
-        self.train_te = False  # no text-encoder LoRA: only the new rows learn on the text side
+        self.ctx = ctx
+        pipe = self.objective.load(ctx)  # no text-encoder LoRA: only the new rows learn on the text side
         self.scale = cfg.embedding_lr / ctx.cfg.lr if cfg.embedding_lr else 1.0
         self.slots = [self._add_tokens(attr, tok) for attr, tok in zip(self.family.text_encoders, self.family.tokenizers)]
         if cfg.adapter != "none":
-            self.adapter = AdapterMethod(adapter_config(cfg), pipe)
-            self.adapter._check_targets(pipe.unet)
-            pipe.unet.add_adapter(peft_config_for(self.adapter.cfg))
+            check_targets(pipe.unet, cfg.adapter_options.target_modules,
+                          cfg.adapter_options.block_size if cfg.adapter == "oft" else None)
+            pipe.unet.add_adapter(pivotal_peft_config(cfg))
         # The UNet was frozen above, so what requires grad now is exactly the adapter.
         self.adapter_params = {f"unet.{n}": p for n, p in pipe.unet.named_parameters() if p.requires_grad}
         pipe.unet.to(dtype=ctx.weight_dtype)
-        for te in self.text_encoders:
+        for te in self.objective.text_encoders:
             te.to(dtype=ctx.weight_dtype)
         self._write_rows()
         if ctx.cfg.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
         pipe.unet.train()
-        self.examples = self._prepare_examples()
+        self.objective.prepare_examples()  # text is never cached: the new rows change every step
         self._check_captions()
-        self.class_examples = self._prepare_class_examples() if cfg.data.prior.enabled else []
-        self.text_cache = {}  # never cached: the new rows change every step
+        if cfg.data.prior.enabled:
+            self.objective.prepare_class_examples()
         self.embedding_steps = round(cfg.embedding_fraction * ctx.cfg.steps)
-        return list(range(len(self.examples)))
+        return list(range(len(self.objective.examples)))
 
     def trainable_parameters(self):
         named = {f"embeddings.{slot.attr}": slot.delta for slot in self.slots}
@@ -111,22 +127,16 @@ class TextualInversionMethod(AdapterMethod):
         return named
 
     def training_step(self, batch, step):
-        import torch
-
         train_vectors = step < self.embedding_steps
         if not train_vectors and self.frozen_deltas is None:
             self.frozen_deltas = [slot.delta.detach().clone() for slot in self.slots]
-        hold = self.adapter is not None and step < self.cfg.adapter_options.start_step
+        hold = self.cfg.adapter != "none" and step < self.cfg.adapter_options.start_step
         if hold and self.held_adapter is None:
-            self.held_adapter = {n: p.detach().clone() for n, p in self._adapter_params().items()}
-        examples = [self._with_prompt(self.examples[i]) for i in batch]
+            self.held_adapter = {n: p.detach().clone() for n, p in self.adapter_params.items()}
+        examples = [self._with_prompt(self.objective.examples[i]) for i in batch]
         # The hook also serves frozen vectors: after a resume the matrix rows are only rewritten after a step.
         with self._spliced(train_vectors), self._adapter_frozen(hold):
-            loss = self._loss(examples)
-            if self.class_examples:
-                picks = torch.randint(len(self.class_examples), (len(examples),)).tolist()
-                loss = loss + self.cfg.data.prior.loss_weight * self._loss([self.class_examples[i] for i in picks])
-        return loss
+            return self.objective.loss_with_prior(examples)
 
     def after_optimizer_step(self, step):
         import torch
@@ -137,29 +147,36 @@ class TextualInversionMethod(AdapterMethod):
                 for slot, saved in zip(self.slots, self.frozen_deltas):
                     slot.delta.copy_(saved)
             if self.held_adapter is not None:
-                params = self._adapter_params()
                 for name, saved in self.held_adapter.items():
-                    params[name].copy_(saved)
+                    self.adapter_params[name].copy_(saved)
                 if done + 1 >= self.cfg.adapter_options.start_step:
                     self.held_adapter = None
         self._write_rows()
 
     def save(self, folder: Path) -> list[Path]:
-        from dcustom.adapters import files
         from dcustom.adapters.embeddings import save_embedding
+        from dcustom.adapters.files import dcustom_metadata
 
         cfg = self.cfg
-        method = "textual_inversion" if self.adapter is None else f"textual_inversion+{cfg.adapter}"
-        meta = files.dcustom_metadata(method, cfg.model, self.family.name, to_dict(cfg), "textual_inversion")
+        family = self.family.name
+        method = "textual_inversion" if cfg.adapter == "none" else f"textual_inversion+{cfg.adapter}"
+        meta = dcustom_metadata(method, cfg.model, family, to_dict(cfg), "textual_inversion")
         out = []
         rows = {slot.attr: self.rows(slot).detach().float().cpu() for slot in self.slots}
         for i, token in enumerate(cfg.tokens):
             vectors = {slot.attr: rows[slot.attr][slot.spans[i]] for slot in self.slots}
-            out += save_embedding(folder, token, vectors, self.family.name, meta, single=len(cfg.tokens) == 1)
-        if self.adapter is not None:
-            self.adapter.ctx, self.adapter.family, self.adapter.train_te = self.ctx, self.family, False
-            out += self.adapter.save(folder)
+            out += save_embedding(folder, token, vectors, family, meta, single=len(cfg.tokens) == 1)
+        if cfg.adapter != "none":
+            adapter_meta = dcustom_metadata(cfg.adapter, cfg.model, family, to_dict(cfg), cfg.adapter,
+                                            peft_version=peft_version())
+            final = Path(folder) == Path(self.ctx.cfg.output_dir)  # checkpoints get the adapter only
+            out += save_adapter_files(folder, self.pipe, family, cfg.adapter, adapter_meta, final=final,
+                                      dora=cfg.lora.dora, write_kohya=cfg.adapter_options.write_kohya).paths
         return out
+
+    def sample(self, step: int, folder: Path) -> list[Path]:
+        return self.objective.render_samples(folder, self.cfg.validation_prompts, self.cfg.sample_steps,
+                                             self.cfg.sample_seed)
 
     # --- the new rows ----------------------------------------------------------------------
     def rows(self, slot: TokenSlot, trainable: bool = False):
@@ -249,13 +266,10 @@ class TextualInversionMethod(AdapterMethod):
                 h.remove()
 
     # --- the adapter of pivotal tuning -------------------------------------------------------
-    def _adapter_params(self) -> dict:
-        return dict(self.adapter_params)
-
     @contextlib.contextmanager
     def _adapter_frozen(self, hold: bool):
         """Before the adapter's start step, run it without gradients (it stays at its identity init)."""
-        params = list(self._adapter_params().values()) if hold else []
+        params = list(self.adapter_params.values()) if hold else []
         for p in params:
             p.requires_grad_(False)
         try:
@@ -277,13 +291,14 @@ class TextualInversionMethod(AdapterMethod):
     def _check_captions(self) -> None:
         if self.cfg.prompts != "captions":
             return
-        without = [ex.caption for ex in self.examples if not any(t in ex.caption for t in self.cfg.tokens)]
-        if len(without) == len(self.examples):
+        examples = self.objective.examples
+        without = [ex.caption for ex in examples if not any(t in ex.caption for t in self.cfg.tokens)]
+        if len(without) == len(examples):
             raise DcustomError(f"data: no caption contains a placeholder token ({', '.join(self.cfg.tokens)}), e.g. "
                                f"{without[0]!r}; put the token in data.instance_prompt or the .txt captions, or use prompts: templates.")
         if without:
             log.warning("%d of %d captions contain no placeholder token (e.g. %r); they train the adapter only.",
-                        len(without), len(self.examples), without[0])
+                        len(without), len(examples), without[0])
 
 
 def train(cfg: TextualInversionTrainConfig, pipe=None, on_event=None, should_stop=None, progress: bool = True):

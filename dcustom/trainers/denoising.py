@@ -1,0 +1,284 @@
+"""The denoising objective the subject trainers share (LoRA/OFT/BOFT in `adapter`, `textual_inversion`).
+
+A method holds one `DenoisingObjective` and calls it in this order:
+
+    pipe = objective.load(ctx)             # pipeline on the device, every base weight frozen, DDPM noise scheduler
+    ...                                    # the method adds what it trains (peft adapter, new token rows)
+    objective.prepare_examples()           # scan, caption, bucket, flip, cache VAE latents (+ class images)
+    objective.cache_text()                 # only when the text encoders stay frozen
+    loss = objective.loss_with_prior(examples)   # in training_step
+
+The loss of an example: its latent (one of its flip variants, drawn from the cached VAE posterior),
+noise (+ noise offset), a uniform timestep, the ε or v target, the UNet's prediction from the caption's
+text embeddings (SDXL: pooled embeddings and micro-conditioning), the squared error averaged per sample
+(`per_sample_loss`, the one place a per-pixel weight such as an image mask multiplies in), then the
+min-SNR-γ weight. Examples are batched per aspect bucket, since a UNet batch needs one shape. Draws
+use torch's global RNG in a fixed order, which the loop seeds and checkpoints: resume stays exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from dcustom.data import (
+    DataConfig,
+    ensure_class_images,
+    make_buckets,
+    nearest_bucket,
+    open_rgb,
+    resize_crop,
+    scan_images,
+    to_tensor,
+    unet_stride,
+)
+from dcustom.errors import DcustomError
+
+log = logging.getLogger("dcustom.train")
+
+
+@dataclass
+class Example:
+    """One image, ready for the UNet: pixel tensors or cached latent moments for each flip variant.
+
+    Everything per variant is a list indexed the same way (a per-pixel weight map would be one more)."""
+
+    pixels: list  # [variant] -> [3, H, W] (dropped once latents are cached)
+    moments: list  # [variant] -> (mean, std) of the VAE posterior, or None
+    caption: str
+    time_ids: object  # SDXL micro-conditioning (orig h, orig w, crop top, crop left, target h, target w)
+    bucket: tuple  # (w, h)
+
+
+def per_sample_loss(prediction, target):
+    """Squared error averaged over channels and pixels, one value per sample ([B, C, h, w] -> [B])."""
+    import torch.nn.functional as F
+
+    return F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+
+
+def min_snr_weight(noise_scheduler, timesteps, gamma: float, prediction: str):
+    """Min-SNR-γ (Hang et al., 2023): min(SNR, γ) / SNR for ε targets, min(SNR, γ) / (SNR + 1) for v targets."""
+    import torch
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / snr if prediction == "epsilon" else clipped / (snr + 1)
+
+
+class DenoisingObjective:
+    """Data, text encoding and the denoising loss of a subject trainer (see the module doc for the order)."""
+
+    def __init__(self, model: str, data: DataConfig, min_snr_gamma: Optional[float], noise_offset: float, pipe=None):
+        self.model, self.data = model, data
+        self.min_snr_gamma, self.noise_offset = min_snr_gamma, noise_offset
+        self.pipe = pipe
+        self.examples, self.class_examples, self.text_cache = [], [], {}
+        self.used, self.skipped = [], []
+
+    # --- the frozen pipeline ----------------------------------------------------------------
+    def load(self, ctx):
+        """The pipeline on the device (loaded unless one was given), its family, prediction type, a DDPM
+        noise scheduler, and every base weight frozen. Returns the pipeline."""
+        from diffusers import DDPMScheduler
+
+        from dcustom.families import prediction_type
+        from dcustom.models import family_of, load_pipeline
+
+        self.ctx = ctx
+        if self.pipe is None:
+            self.pipe = load_pipeline(self.model, dtype="fp32", device=str(ctx.device))
+        pipe = self.pipe
+        pipe.to(ctx.device)
+        self.family = family_of(pipe)
+        self.prediction = prediction_type(pipe)
+        if self.prediction not in ("epsilon", "v_prediction"):
+            raise DcustomError(f"model {self.model!r} predicts {self.prediction!r}; accepted: epsilon or v_prediction.")
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.text_encoders = [getattr(pipe, n) for n in self.family.text_encoders]
+        for module in [pipe.unet, pipe.vae, *self.text_encoders]:
+            module.requires_grad_(False)
+        return pipe
+
+    @property
+    def resolution(self) -> int:
+        if self.data.resolution:
+            return self.data.resolution
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    # --- examples ---------------------------------------------------------------------------
+    def prepare_examples(self) -> list:
+        """The training images as Examples (and, with data.prior, the class images); returns the examples."""
+        data = self.data
+        res = self.resolution
+        stride = unet_stride(self.pipe)
+        if res % stride:
+            raise DcustomError(f"data.resolution: {res} is not a multiple of {stride} (this model's UNet stride).")
+        min_size = data.min_size if data.min_size is not None else res // 2
+        report = scan_images(data.images, data.instance_prompt, min_size, data.caption_prefix)
+        self.skipped, self.used = report.skipped, report.images
+        for path, why in report.skipped:
+            log.warning("skipped %s: %s", path.name, why)
+        log.info("training on %d image(s) from %r (%d skipped)", len(report.images), str(data.images), len(report.skipped))
+        self._warn_long_captions(report.images)
+        buckets = make_buckets(res, stride) if data.buckets else [(res, res)]
+        self.examples = []
+        for rec in report.images:
+            image, _ = open_rgb(rec.path)
+            self.examples.append(self._example(image, rec.caption, nearest_bucket(image.size, buckets)))
+        return self.examples
+
+    def prepare_class_examples(self) -> list:
+        """DreamBooth prior preservation: class images (generated once, cached) as Examples."""
+        prior = self.data.prior
+        res = self.resolution
+        paths = ensure_class_images(self.pipe, prior, self.model, res, seed=self.ctx.cfg.seed)
+        self.class_examples = [self._example(open_rgb(p)[0], prior.class_prompt, (res, res)) for p in paths]
+        return self.class_examples
+
+    def _warn_long_captions(self, records) -> None:
+        """Once per run: captions the text encoder will cut (it does so silently)."""
+        from dcustom.generate import prompt_overflow
+
+        long = [(r, over) for r in records for over in [prompt_overflow(self.pipe, r.caption)] if over]
+        if long:
+            (first, (count, limit)) = long[0]
+            log.warning("%d caption(s) are longer than the text encoder's %d tokens (e.g. %s: %d tokens); the rest "
+                        "of each is ignored.", len(long), limit, first.path.name, count)
+
+    def _example(self, image, caption, bucket) -> Example:
+        import torch
+        from PIL import ImageOps
+
+        cropped, (top, left) = resize_crop(image, bucket)
+        variants = [cropped, ImageOps.mirror(cropped)] if self.data.flip else [cropped]
+        pixels = [to_tensor(v) for v in variants]
+        time_ids = torch.tensor([image.height, image.width, top, left, bucket[1], bucket[0]], dtype=torch.float32)
+        ex = Example(pixels, [None] * len(pixels), caption, time_ids, bucket)
+        if self.data.cache_latents:
+            ex.moments = [self._moments(p[None]) for p in pixels]
+            ex.pixels = []
+        return ex
+
+    def _moments(self, pixels):
+        import torch
+
+        vae = self.pipe.vae
+        with torch.no_grad():
+            dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        return dist.mean[0].float(), dist.std[0].float()
+
+    # --- text -------------------------------------------------------------------------------
+    def cache_text(self) -> None:
+        """Encode every caption once (only valid while the text encoders are frozen)."""
+        import torch
+
+        with torch.no_grad():
+            for caption in {e.caption for e in self.examples + self.class_examples}:
+                self.text_cache[caption] = tuple(None if t is None else t.detach() for t in self.encode_text([caption]))
+
+    def encode_text(self, captions: list):
+        """(prompt_embeds, pooled or None) for a list of captions, with gradients when the text side trains."""
+        device = self.ctx.device
+        if self.family.name == "sdxl":
+            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
+                                                           do_classifier_free_guidance=False)
+            return embeds, pooled
+        embeds, _ = self.pipe.encode_prompt(captions, device, 1, False)
+        return embeds, None
+
+    def _text(self, examples):
+        import torch
+
+        captions = [ex.caption for ex in examples]
+        if self.text_cache:
+            parts = [self.text_cache[c] for c in captions]
+            embeds = torch.cat([p[0] for p in parts])
+            pooled = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
+            return embeds, pooled
+        return self.encode_text(captions)
+
+    # --- loss -------------------------------------------------------------------------------
+    def loss_with_prior(self, examples):
+        """The loss of `examples`, plus data.prior.loss_weight times that of as many random class images."""
+        loss = self.loss(examples)
+        if self.class_examples:
+            import torch
+
+            picks = torch.randint(len(self.class_examples), (len(examples),)).tolist()
+            loss = loss + self.data.prior.loss_weight * self.loss([self.class_examples[i] for i in picks])
+        return loss
+
+    def loss(self, examples):
+        """Mean denoising loss over examples, run per aspect bucket (a UNet batch needs one shape)."""
+        groups = {}
+        for ex in examples:
+            groups.setdefault(ex.bucket, []).append(ex)
+        total = 0.0
+        for group in groups.values():
+            total = total + self._group_loss(group) * (len(group) / len(examples))
+        return total
+
+    def _latents(self, examples):
+        import torch
+
+        latents = []
+        for ex in examples:
+            v = int(torch.randint(len(ex.moments) if ex.moments[0] is not None else len(ex.pixels), ()).item())
+            if ex.moments[0] is not None:
+                mean, std = ex.moments[v]
+            else:
+                mean, std = self._moments(ex.pixels[v][None])
+            latents.append(mean + std * torch.randn_like(mean))
+        vae_cfg = self.pipe.vae.config
+        shift = getattr(vae_cfg, "shift_factor", None) or 0.0
+        return (torch.stack(latents) - shift) * vae_cfg.scaling_factor
+
+    def _group_loss(self, group):
+        import torch
+
+        device, unet = self.ctx.device, self.pipe.unet
+        latents = self._latents(group).to(device)
+        noise = torch.randn_like(latents)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
+        sched = self.noise_scheduler
+        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device).long()
+        noisy = sched.add_noise(latents, noise, t)
+        target = noise if self.prediction == "epsilon" else sched.get_velocity(latents, noise, t)
+        embeds, pooled = self._text(group)
+        kwargs = {}
+        if self.family.micro_conditioning:
+            time_ids = torch.stack([ex.time_ids for ex in group]).to(device)
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(device), "time_ids": time_ids}
+        dtype = self.ctx.weight_dtype
+        pred = unet(noisy.to(dtype), t, embeds.to(device, dtype), **kwargs).sample.float()
+        per_sample = per_sample_loss(pred, target.float())
+        if self.min_snr_gamma:
+            per_sample = per_sample * min_snr_weight(sched, t, self.min_snr_gamma, self.prediction)
+        return per_sample.mean()
+
+    # --- validation images ------------------------------------------------------------------
+    def render_samples(self, folder: Path, prompts: list, steps: int, seed: int) -> list[Path]:
+        """One image per prompt (seed + i, same each time, so they are comparable) at the training resolution."""
+        import torch
+
+        paths = []
+        res = self.resolution
+        unet = self.pipe.unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            for i, prompt in enumerate(prompts):
+                g = torch.Generator(device="cpu").manual_seed(seed + i)
+                with self.ctx.accelerator.autocast():
+                    image = self.pipe(prompt, num_inference_steps=steps, width=res, height=res, generator=g).images[0]
+                path = Path(folder) / f"{i:02d}.png"
+                image.save(path)
+                paths.append(path)
+        finally:
+            unet.train(was_training)
+        return paths
