@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
-import typing
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,92 +40,88 @@ class TrainForm:
         return " ".join(w for w in ("a photo of", self.trigger.strip(), self.class_word.strip()) if w)
 
 
+# Where each Train-tab field goes in a method's config: explicit dotted paths, never a search for a field name.
+TRAIN_TAB_METHODS = ("lora", "oft", "boft", "textual_inversion")
+FORM_PATHS = {
+    "images": "data.images", "instance_prompt": "data.instance_prompt", "resolution": "data.resolution",
+    "steps": "train.steps", "seed": "train.seed", "lr": "train.lr", "sample_every": "train.sample_every",
+    "checkpoint_every": "train.checkpoint_every", "device": "train.device", "output_dir": "train.output_dir",
+    "validation_prompts": "validation_prompts", "tokens": "tokens", "init_words": "init_words",
+}
+# The LoRA rank: the lora method's own key, textual inversion's `lora:` section (used with adapter: lora).
+LORA_RANK_PATH = {"lora": "rank", "textual_inversion": "lora.rank"}
+
+
 def train_methods() -> list[str]:
-    """Registered training methods that learn a subject from an image folder (LoRA, OFT, BOFT, TI...)."""
-    from dcustom.registry import get_method, methods_of_kind
+    """The registered methods the Train tab offers: those that learn a subject from an image folder."""
+    from dcustom.registry import methods_of_kind
 
-    out = []
-    for method_id in methods_of_kind("train"):
-        try:
-            cls = get_method(method_id).config_class()
-        except ImportError:  # a method whose module is not importable here is simply not offered
-            continue
-        if field_path(cls, "images") and field_path(cls, "instance_prompt"):
-            out.append(method_id)
-    return out
+    registered = methods_of_kind("train")
+    return [m for m in TRAIN_TAB_METHODS if m in registered]
 
 
-def field_path(cls, name: str) -> Optional[list[str]]:
-    """Dotted path of the shallowest field called `name` in a nested config dataclass (BFS)."""
-    queue = [(cls, [])]
-    while queue:
-        current, prefix = queue.pop(0)
-        fields = [f for f in dataclasses.fields(current) if f.init]
-        for f in fields:
-            if f.name == name:
-                return prefix + [name]
-        hints = typing.get_type_hints(current)
-        for f in fields:
-            if dataclasses.is_dataclass(hints[f.name]):
-                queue.append((hints[f.name], prefix + [f.name]))
-    return None
+def put(data: dict, path: str, value) -> None:
+    """Set dotted `path` in a config mapping (its sections exist: `data` starts as a full config)."""
+    *sections, key = path.split(".")
+    node = data
+    for part in sections:
+        node = node[part]
+    node[key] = value
 
 
-def set_field(cls, data: dict, names: tuple[str, ...], value) -> bool:
-    """Set the first of `names` the schema has; False when it has none of them."""
-    for name in names:
-        path = field_path(cls, name)
-        if path:
-            node = data
-            for part in path[:-1]:
-                node = node.setdefault(part, {})
-            node[path[-1]] = value
-            return True
-    return False
+def get(data: dict, path: str):
+    node = data
+    for part in path.split("."):
+        node = node[part]
+    return node
 
 
-def build_config(state, form: TrainForm, images_dir: Path, run_dir: Path):
-    """The method's config object for this form; paths inside the data folder or one clear error."""
+def build_config(state, form: TrainForm, images_dir: Path, run_dir: Path, notes: Optional[list] = None):
+    """The method's config object for this form; paths inside the data folder or one clear error. A form
+    value the method does not use is said in `notes` (a rank for OFT/BOFT), never silently dropped."""
     from dcustom.config import apply_overrides, from_dict, to_dict
     from dcustom.registry import get_method
 
+    if form.method not in TRAIN_TAB_METHODS:
+        raise DcustomError(f"method: {form.method!r} is not trained from the Train tab; accepted: "
+                           f"{', '.join(TRAIN_TAB_METHODS)}.")
     cls = get_method(form.method, kind="train").config_class()
-    if not form.trigger.strip() or not all(c.isalnum() or c in "_-<>" for c in form.trigger.strip()):
+    trigger = form.trigger.strip()
+    if not trigger or not all(c.isalnum() or c in "_-<>" for c in trigger):
         raise DcustomError(f"trigger word: {form.trigger!r} is not valid; use one word of letters/digits, e.g. 'sks'.")
     data = to_dict(cls())
     data["method"] = form.method
     data["model"] = state.resolve_model(form.model)
-    set_field(cls, data, ("images",), str(images_dir))
-    set_field(cls, data, ("instance_prompt",), form.instance_prompt)
-    if field_path(cls, "tokens"):  # textual inversion: the trigger is a new token, the class word its start
-        set_field(cls, data, ("tokens",), [form.trigger.strip()])
-        set_field(cls, data, ("init_words",), [form.class_word.strip() or "object"])
-        set_field(cls, data, ("instance_prompt",), f"a photo of {form.trigger.strip()}")
-    set_field(cls, data, ("steps",), int(form.steps))
-    set_field(cls, data, ("seed",), int(form.seed))
-    set_field(cls, data, ("sample_every",), int(form.sample_every))
-    set_field(cls, data, ("checkpoint_every",), 0)  # the app checkpoints when stopped; resume is a CLI feature
+    put(data, FORM_PATHS["images"], str(images_dir))
+    if form.method == "textual_inversion":  # the trigger is a new token, the class word its start
+        put(data, FORM_PATHS["tokens"], [trigger])
+        put(data, FORM_PATHS["init_words"], [form.class_word.strip() or "object"])
+        put(data, FORM_PATHS["instance_prompt"], f"a photo of {trigger}")
+    else:
+        put(data, FORM_PATHS["instance_prompt"], form.instance_prompt)
+    put(data, FORM_PATHS["steps"], int(form.steps))
+    put(data, FORM_PATHS["seed"], int(form.seed))
+    put(data, FORM_PATHS["sample_every"], int(form.sample_every))
+    put(data, FORM_PATHS["checkpoint_every"], 0)  # the app checkpoints when stopped; resume is a CLI feature
     if form.lr:
-        set_field(cls, data, ("lr",), float(form.lr))
+        put(data, FORM_PATHS["lr"], float(form.lr))
     if form.rank:
-        set_field(cls, data, ("rank", "r"), int(form.rank))
+        if form.method in LORA_RANK_PATH:
+            put(data, LORA_RANK_PATH[form.method], int(form.rank))
+        elif notes is not None:
+            notes.append(f"LoRA rank {form.rank} is not used: {form.method} trains no LoRA (its size is block_size).")
     if form.resolution:
-        set_field(cls, data, ("resolution",), int(form.resolution))
-    prompt = form.validation_prompt.strip() or field_value(data, cls, "instance_prompt")
-    set_field(cls, data, ("validation_prompts",), [prompt]) or set_field(cls, data, ("validation_prompt",), prompt)
-    set_field(cls, data, ("device",), state.device)
+        put(data, FORM_PATHS["resolution"], int(form.resolution))
+    prompt = form.validation_prompt.strip() or get(data, FORM_PATHS["instance_prompt"])
+    put(data, FORM_PATHS["validation_prompts"], [prompt])
+    put(data, FORM_PATHS["device"], state.device)
     overrides = [line.strip() for line in (form.overrides or "").splitlines() if line.strip()]
     data = apply_overrides(cls, data, overrides)
-    set_field(cls, data, ("output_dir",), str(run_dir))  # after overrides: the app owns where runs go
+    put(data, FORM_PATHS["output_dir"], str(run_dir))  # after overrides: the app owns where runs go
+    if form.rank and form.method == "textual_inversion" and data.get("adapter") != "lora" and notes is not None:
+        notes.append(f"LoRA rank {form.rank} is used only with adapter: lora (set it under More settings).")
     confine_paths(state, data)
     return from_dict(cls, data, "train settings")
-
-
-def field_value(data: dict, cls, name: str):
-    node = data
-    for part in field_path(cls, name):
-        node = node[part]
-    return node
 
 
 def confine_paths(state, data: dict, where: str = "") -> None:
@@ -145,11 +139,12 @@ def confine_paths(state, data: dict, where: str = "") -> None:
 
 
 def preview_yaml(state, form: TrainForm) -> str:
-    """The YAML a Start would write, with placeholder folders (no files are created)."""
+    """The YAML a Start would write, with placeholder folders (no files are created); notes come first as comments."""
     from dcustom.config import to_yaml
 
-    cfg = build_config(state, form, state.paths.uploads / "<uploaded-images>", state.paths.runs / "<job-id>")
-    return to_yaml(cfg, comments=False)
+    notes = []
+    cfg = build_config(state, form, state.paths.uploads / "<uploaded-images>", state.paths.runs / "<job-id>", notes)
+    return "".join(f"# note: {n}\n" for n in notes) + to_yaml(cfg, comments=False)
 
 
 def start_job(state, queue: TrainingQueue, form: TrainForm, files: list) -> Job:
@@ -166,10 +161,11 @@ def start_job(state, queue: TrainingQueue, form: TrainForm, files: list) -> Job:
     build_config(state, form, state.paths.uploads / "check", run_dir)
     images_dir = new_upload_folder(state.paths.uploads, job_id)
     store_images(files, images_dir, state.limits, "training image")
-    cfg = build_config(state, form, images_dir, run_dir)
+    notes = []
+    cfg = build_config(state, form, images_dir, run_dir, notes)
     run_dir.mkdir(parents=True)
     config_path = save_yaml(cfg, run_dir / "run.yaml")
-    return queue.submit(Job(job_id, form.method, run_dir, config_path, name))
+    return queue.submit(Job(job_id, form.method, run_dir, config_path, name, message=" ".join(notes)))
 
 
 def job_snapshot(queue: TrainingQueue, job_id: str) -> dict:
