@@ -4,7 +4,7 @@ The public API is re-exported lazily so that `import dcustom` (and `dcustom --he
 and never imports torch.
 """
 
-__version__ = "0.1.0"
+from dcustom.version import __version__  # noqa: F401
 
 # name -> "module:attribute"; resolved on first access.
 _LAZY = {

@@ -21,7 +21,7 @@ KOHYA_TE_PREFIX = {"sd": {"text_encoder": "lora_te"}, "sdxl": {"text_encoder": "
 
 def dcustom_metadata(method: str, base_model: str, family: str, config: dict | None, fmt: str, **extra) -> dict:
     """String metadata every dcustom safetensors header carries."""
-    from dcustom import __version__
+    from dcustom.version import __version__
 
     meta = {"dcustom.version": __version__, "dcustom.method": method, "dcustom.base_model": base_model,
             "dcustom.family": family, "dcustom.format": fmt}

@@ -38,11 +38,11 @@ class ErasureResult:
 
 def dcustom_metadata(cfg, pipe, **extra) -> dict:
     """The header entries every erasure file carries (all values are strings, as safetensors needs)."""
-    import dcustom
+    from dcustom.version import __version__
     from dcustom.config import to_dict
     from dcustom.models import family_of
 
-    meta = {"version": dcustom.__version__, "method": "erasure", "base_model": getattr(pipe, "_dcustom_spec", cfg.model),
+    meta = {"version": __version__, "method": "erasure", "base_model": getattr(pipe, "_dcustom_spec", cfg.model),
             "family": family_of(pipe).name, "config": to_dict(cfg), "algorithm": cfg.algorithm,
             "erase": list(cfg.erase), "anchors": [cfg.anchor_for(i) for i in range(len(cfg.erase))],
             "preserve": list(cfg.preserve), **extra}
