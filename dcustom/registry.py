@@ -1,7 +1,9 @@
 """Method id -> (config class, implementation): one explicit dict, torch-free.
 
-Ids are snake_case and identical everywhere: CLI sub-command, YAML `method:`, this key, the
-trainer's folder, its test file and `configs/<id>.yaml`.
+Ids are snake_case and the same in the CLI sub-command, the YAML `method:`, this key and
+`configs/<id>.yaml`. Where the code lives is what `config` and `run` point to, not the id: lora, oft
+and boft share `trainers/adapter/`, the style methods are modules of `pipelines/`, toy_base is in
+`toyworld/` (docs/architecture.md has the table).
 """
 
 from __future__ import annotations

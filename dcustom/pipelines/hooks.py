@@ -1,6 +1,6 @@
 """Attention-processor hooks for stock diffusers UNets.
 
-The rules every training-free module here follows (see DESIGN.md, "Hooks"):
+The rules every training-free module here follows (docs/architecture.md, "Hooks"):
 - layers are selected by regex over `unet.attn_processors` names, never by counting calls;
 - a hook is gated by the timestep the UNet is *called with* (a forward pre-hook writes it into a
   `TimestepGate`), never by a step counter, so CFG in one or two calls, extra UNet calls and any
