@@ -6,7 +6,8 @@ fp16 grad scaling, process groups), gradient accumulation, clipping, AdamW (bits
 when installed), LR schedule with warmup, seeding, NaN/inf-loss stop, events (``events.jsonl`` + rich
 bar + ``on_event`` callback), cancellation (``should_stop`` callable/Event, or a ``STOP`` file in the
 run folder), atomic checkpoints ``checkpoints/step-N/`` and exact resume (weights, optimizer,
-scheduler, step, RNG), both in `dcustom.trainers.run_folder`.
+scheduler, step, RNG). Where a run writes and how checkpoints are kept (never a pickle, never over a
+finished run) is `dcustom.trainers.run_folder`.
 
 Run folder: config.yaml, events.jsonl, samples/, checkpoints/step-N/, the final files of ``save``.
 Torch is imported inside functions so config modules can import LoopConfig cheaply.
@@ -17,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import logging
 import re
 import time
 from dataclasses import dataclass
@@ -30,7 +30,6 @@ from dcustom.outputs import writable_folder
 from dcustom.trainers.run_folder import (check_outside_inputs, choose_run_dir, find_checkpoint, load_checkpoint,
                                          rng_state, save_checkpoint)
 
-log = logging.getLogger("dcustom.train")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 
