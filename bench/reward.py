@@ -35,7 +35,7 @@ def time_updates(pipe, policy_name: str, checkpointing: bool, args) -> tuple[flo
 
     if hasattr(pipe.unet, "peft_config"):
         pipe.unet.delete_adapters(list(pipe.unet.peft_config))
-    params = list(add_reward_lora(pipe.unet, rank=4).values())
+    params = list(add_reward_lora(pipe.unet).values())  # rank 4, alpha = rank
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     sampler = RewardSampler(pipe, steps=args.steps, guidance_scale=5.0, checkpointing=checkpointing)
     cond = sampler.encode(["a colourful photo"] * args.batch)
