@@ -126,8 +126,8 @@ def _load_builtin(spec: str, torch_dtype):
     folder = toy_model_dir()
     if folder is None:
         raise DcustomError(
-            "builtin:toy is not shipped in this install yet: its weights are trained by "
-            "'dcustom toyworld train-base' on a GPU; use 'tiny:sd15' for a random test model meanwhile."
+            "builtin:toy is not shipped in this install yet: train it on this machine's CPU with "
+            "'bash scripts/toy/train_cpu.sh' (docs/toy_model.md), or use 'tiny:sd15', a random test model."
         )
     return _load_folder(folder, torch_dtype)
 

@@ -98,8 +98,7 @@ def texture_stats(images, judge):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(toy_model_dir() is None, reason="builtin:toy is not shipped in this install (trained on a GPU by "
-                    "'dcustom toyworld train-base'); the quality check runs when it is")
+@pytest.mark.skipif(toy_model_dir() is None, reason="builtin:toy is not shipped in this install (train it with 'bash scripts/toy/train_cpu.sh'); the quality check runs when it is")
 def test_toy_model_style_transfer_keeps_content_and_moves_texture(tmp_path):
     from dcustom.toyworld.grammar import STYLES
     from dcustom.toyworld.judges import load_judge
