@@ -18,6 +18,7 @@ from dcustom.config import opt
 from dcustom.errors import DcustomError
 
 CAPTION_SUFFIX = ".txt"
+MASK_SUFFIX = ".mask.png"  # <image stem>.mask.png beside an image: its per-pixel loss weight (white = subject)
 IGNORED_SUFFIXES = {CAPTION_SUFFIX, ".json", ".yaml", ".yml", ".md"}
 # Pixel count above which an image is skipped before it is decoded: 8192 x 8192 (67 MP) holds any camera's
 # photo, costs ~200 MB to decode, and stops small files that claim huge sizes (decompression bombs).
@@ -45,6 +46,13 @@ class DataConfig:
     flip: bool = opt(True, "Random horizontal flips (cached as a second latent variant).")
     cache_latents: bool = opt(True, "Encode images with the VAE once instead of every step.")
     cache_text: bool = opt(True, "Encode captions once when the text encoder is frozen.")
+    masks: bool = opt(True, "Use <image>.mask.png files beside the images as loss masks (white = subject, "
+                            "black = background, grey in between).")
+    alpha_mask: bool = opt(False, "Use an image's alpha channel as its mask when it has no .mask.png (kohya's "
+                                  "alpha_mask); otherwise alpha is composited on white.")
+    mask_outside_weight: float = opt(0.1, "Loss weight where a mask is black, relative to 1 where it is white: 0 "
+                                          "learns only the subject, 1 ignores masks. Images without a mask weigh 1 "
+                                          "everywhere.", ge=0, le=1)
     prior: PriorConfig = opt(PriorConfig(), "DreamBooth prior preservation.")
 
 
@@ -54,6 +62,7 @@ class ImageRecord:
     caption: str
     size: tuple  # (width, height) after orientation
     notes: list = field(default_factory=list)  # conversions applied, e.g. "CMYK -> RGB"
+    mask: Optional[Path] = None  # its <stem>.mask.png, or the image itself when its alpha channel is the mask
 
 
 @dataclass
@@ -166,8 +175,68 @@ def _to_rgb(image, notes: list):
     return image
 
 
-def scan_images(folder, instance_prompt: str, min_size: int, caption_prefix: str = "") -> ScanReport:
-    """Validate every file in `folder`; raises one clear error when nothing usable is left."""
+def open_mask(path: Path, size: tuple, alpha: bool = False, max_pixels: int = MAX_PIXELS):
+    """A loss mask as an 8-bit greyscale PIL image of `size` (width, height), or ValueError(reason).
+
+    `path` is a .mask.png (greyscale, binary, palette or grey RGB; 16-bit scaled to 8) or, with alpha=True,
+    an image whose alpha channel is the mask. Validated like an image: pixel cap before decoding, a
+    decodable file, the image's size, grey (a colour mask is ambiguous), and something marked white."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    what = f"its alpha channel ({path.name})" if alpha else f"its mask {path.name}"
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > max_pixels:
+                raise ValueError(f"{what} has too many pixels ({im.width}x{im.height})")
+            im.load()
+            im = ImageOps.exif_transpose(im) if alpha else im  # an alpha mask turns with its own image
+            if alpha:
+                mask = im.convert("RGBA").getchannel("A")
+            elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                mask = Image.fromarray(np.clip(arr / (65535.0 if arr.max() > 255 else 255.0) * 255 + 0.5, 0, 255)
+                                       .astype(np.uint8), "L")
+            else:
+                rgb = np.asarray(im.convert("RGB"), dtype=np.int16)
+                if int((rgb.max(axis=2) - rgb.min(axis=2)).max()) > 8:
+                    raise ValueError(f"{what} is a colour image; a mask must be greyscale (white = subject, "
+                                     "black = background)")
+                mask = im.convert("L")
+    except ValueError:
+        raise
+    except Exception as exc:  # whatever Pillow raises on a file it cannot decode
+        raise ValueError(f"{what} is unreadable or not an image ({type(exc).__name__})") from None
+    if mask.size != tuple(size):
+        raise ValueError(f"{what} is {mask.width}x{mask.height} but the image is {size[0]}x{size[1]}; a mask must "
+                         "have its image's size")
+    if mask.getextrema()[1] == 0:
+        raise ValueError(f"{what} is all black: it marks nothing as the subject")
+    return mask
+
+
+def _mask_for(path: Path, image_size: tuple, use_masks: bool, alpha_mask: bool) -> Optional[tuple[Path, bool]]:
+    """(mask file, is-alpha) for an image, validated, or None; ValueError(reason) for a bad mask."""
+    sidecar = path.with_name(path.stem + MASK_SUFFIX)
+    if use_masks and sidecar.is_file():
+        open_mask(sidecar, image_size)
+        return sidecar, False
+    if alpha_mask and _has_alpha(path):
+        open_mask(path, image_size, alpha=True)
+        return path, True
+    return None
+
+
+def _has_alpha(path: Path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+
+
+def scan_images(folder, instance_prompt: str, min_size: int, caption_prefix: str = "", masks: bool = True,
+                alpha_mask: bool = False) -> ScanReport:
+    """Validate every file in `folder` (and each image's mask); raises one clear error when nothing usable is left."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DcustomError(f"data.images: {str(folder)!r} is not a folder; pass a folder of training images.")
@@ -175,19 +244,24 @@ def scan_images(folder, instance_prompt: str, min_size: int, caption_prefix: str
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.is_dir() or path.suffix.lower() in IGNORED_SUFFIXES:
             continue
+        if path.name.lower().endswith(MASK_SUFFIX):  # a mask belongs to its image, it is no training image
+            continue
         if not path.is_file():  # a FIFO would block the read forever; a dangling link cannot be read
             skipped.append((path, "a link to nothing" if path.is_symlink() else "not a regular file"))
             continue
         try:
             image, notes = open_rgb(path)
             caption = _caption_for(path, instance_prompt, caption_prefix, notes)
+            mask = _mask_for(path, image.size, masks, alpha_mask)
         except ValueError as exc:
             skipped.append((path, str(exc)))
             continue
         if min(image.size) < min_size:
             skipped.append((path, f"too small ({image.width}x{image.height}); the shorter side must be at least {min_size} px"))
             continue
-        images.append(ImageRecord(path, caption, image.size, notes))
+        if mask is not None:
+            notes.append(f"mask: {'alpha channel' if mask[1] else mask[0].name}")
+        images.append(ImageRecord(path, caption, image.size, notes, mask[0] if mask else None))
     if not images:
         reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped[:5]) or "the folder has no image files"
         raise DcustomError(f"data.images: no usable training image in {str(folder)!r} ({reasons}); "

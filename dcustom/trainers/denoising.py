@@ -11,8 +11,8 @@ A method holds one `DenoisingObjective` and calls it in this order:
 The loss of an example: its latent (one of its flip variants, drawn from the cached VAE posterior),
 noise (+ noise offset), a uniform timestep, the ε or v target, the UNet's prediction from the caption's
 text embeddings (SDXL: pooled embeddings and micro-conditioning), the squared error averaged per sample
-(`per_sample_loss`, the one place a per-pixel weight such as an image mask multiplies in), then the
-min-SNR-γ weight. Examples are batched per aspect bucket, since a UNet batch needs one shape. Draws
+(`per_sample_loss`, the one place a per-pixel weight multiplies in: an image's mask, see `mask_weights`), then
+the min-SNR-γ weight. Examples are batched per aspect bucket, since a UNet batch needs one shape. Draws
 use torch's global RNG in a fixed order, which the loop seeds and checkpoints: resume stays exact.
 """
 
@@ -28,6 +28,7 @@ from dcustom.data import (
     ensure_class_images,
     make_buckets,
     nearest_bucket,
+    open_mask,
     open_rgb,
     resize_crop,
     scan_images,
@@ -43,20 +44,40 @@ log = logging.getLogger("dcustom.train")
 class Example:
     """One image, ready for the UNet: pixel tensors or cached latent moments for each flip variant.
 
-    Everything per variant is a list indexed the same way (a per-pixel weight map would be one more)."""
+    Everything per variant is a list indexed the same way."""
 
     pixels: list  # [variant] -> [3, H, W] (dropped once latents are cached)
     moments: list  # [variant] -> (mean, std) of the VAE posterior, or None
     caption: str
     time_ids: object  # SDXL micro-conditioning (orig h, orig w, crop top, crop left, target h, target w)
     bucket: tuple  # (w, h)
+    weights: Optional[list] = None  # [variant] -> [1, h, w] loss weight at latent resolution (from the mask), or None
 
 
-def per_sample_loss(prediction, target):
-    """Squared error averaged over channels and pixels, one value per sample ([B, C, h, w] -> [B])."""
+def per_sample_loss(prediction, target, weight=None):
+    """Squared error averaged over channels and pixels, one value per sample ([B, C, h, w] -> [B]).
+
+    With a per-pixel `weight` [B, 1, h, w] it is the weighted mean (normalised by the weight's mean, so a
+    mask changes where the model learns, not how large the loss and its gradients are)."""
     import torch.nn.functional as F
 
-    return F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+    err = F.mse_loss(prediction, target, reduction="none")
+    if weight is None:
+        return err.mean(dim=(1, 2, 3))
+    return (err * weight).mean(dim=(1, 2, 3)) / weight.mean(dim=(1, 2, 3)).clamp_min(1e-8)
+
+
+def mask_weights(mask, outside: float, latent_size: tuple):
+    """A mask (PIL "L", white = subject) -> loss weights at latent resolution: outside + (1 - outside) * coverage,
+    coverage being the mask's mean over each latent pixel's footprint (masked loss as in kohya's and
+    OneTrainer's trainers, with a floor `outside` so the background is not forgotten entirely)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    m = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+    coverage = F.adaptive_avg_pool2d(m, latent_size)[0]  # [1, h, w]
+    return outside + (1.0 - outside) * coverage
 
 
 def min_snr_weight(noise_scheduler, timesteps, gamma: float, prediction: str):
@@ -118,7 +139,8 @@ class DenoisingObjective:
         if res % stride:
             raise DcustomError(f"data.resolution: {res} is not a multiple of {stride} (this model's UNet stride).")
         min_size = data.min_size if data.min_size is not None else res // 2
-        report = scan_images(data.images, data.instance_prompt, min_size, data.caption_prefix)
+        report = scan_images(data.images, data.instance_prompt, min_size, data.caption_prefix, data.masks,
+                             data.alpha_mask)
         self.skipped, self.used = report.skipped, report.images
         for path, why in report.skipped:
             log.warning("skipped %s: %s", path.name, why)
@@ -128,7 +150,8 @@ class DenoisingObjective:
         self.examples = []
         for rec in report.images:
             image, _ = open_rgb(rec.path)
-            self.examples.append(self._example(image, rec.caption, nearest_bucket(image.size, buckets)))
+            mask = open_mask(rec.mask, image.size, alpha=rec.mask == rec.path) if rec.mask else None
+            self.examples.append(self._example(image, rec.caption, nearest_bucket(image.size, buckets), mask))
         return self.examples
 
     def prepare_class_examples(self) -> list:
@@ -149,7 +172,7 @@ class DenoisingObjective:
             log.warning("%d caption(s) are longer than the text encoder's %d tokens (e.g. %s: %d tokens); the rest "
                         "of each is ignored.", len(long), limit, first.path.name, count)
 
-    def _example(self, image, caption, bucket) -> Example:
+    def _example(self, image, caption, bucket, mask=None) -> Example:
         import torch
         from PIL import ImageOps
 
@@ -158,6 +181,12 @@ class DenoisingObjective:
         pixels = [to_tensor(v) for v in variants]
         time_ids = torch.tensor([image.height, image.width, top, left, bucket[1], bucket[0]], dtype=torch.float32)
         ex = Example(pixels, [None] * len(pixels), caption, time_ids, bucket)
+        if mask is not None:  # cropped and flipped exactly as the image, then pooled to the latent grid
+            m, _ = resize_crop(mask, bucket)
+            stride = self.pipe.vae_scale_factor
+            latent_size = (bucket[1] // stride, bucket[0] // stride)
+            masks = [m, ImageOps.mirror(m)] if self.data.flip else [m]
+            ex.weights = [mask_weights(v, self.data.mask_outside_weight, latent_size) for v in masks]
         if self.data.cache_latents:
             ex.moments = [self._moments(p[None]) for p in pixels]
             ex.pixels = []
@@ -223,9 +252,10 @@ class DenoisingObjective:
         return total
 
     def _latents(self, examples):
+        """Scaled latents of `examples` (one flip variant each, drawn) and the variants drawn."""
         import torch
 
-        latents = []
+        latents, variants = [], []
         for ex in examples:
             v = int(torch.randint(len(ex.moments) if ex.moments[0] is not None else len(ex.pixels), ()).item())
             if ex.moments[0] is not None:
@@ -233,15 +263,17 @@ class DenoisingObjective:
             else:
                 mean, std = self._moments(ex.pixels[v][None])
             latents.append(mean + std * torch.randn_like(mean))
+            variants.append(v)
         vae_cfg = self.pipe.vae.config
         shift = getattr(vae_cfg, "shift_factor", None) or 0.0
-        return (torch.stack(latents) - shift) * vae_cfg.scaling_factor
+        return (torch.stack(latents) - shift) * vae_cfg.scaling_factor, variants
 
     def _group_loss(self, group):
         import torch
 
         device, unet = self.ctx.device, self.pipe.unet
-        latents = self._latents(group).to(device)
+        latents, variants = self._latents(group)
+        latents = latents.to(device)
         noise = torch.randn_like(latents)
         if self.noise_offset:
             noise = noise + self.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=device)
@@ -256,7 +288,11 @@ class DenoisingObjective:
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(device), "time_ids": time_ids}
         dtype = self.ctx.weight_dtype
         pred = unet(noisy.to(dtype), t, embeds.to(device, dtype), **kwargs).sample.float()
-        per_sample = per_sample_loss(pred, target.float())
+        weight = None
+        if any(ex.weights for ex in group):  # images without a mask weigh 1 everywhere
+            ones = torch.ones(1, *latents.shape[2:])
+            weight = torch.stack([ex.weights[v] if ex.weights else ones for ex, v in zip(group, variants)]).to(device)
+        per_sample = per_sample_loss(pred, target.float(), weight)
         if self.min_snr_gamma:
             per_sample = per_sample * min_snr_weight(sched, t, self.min_snr_gamma, self.prediction)
         return per_sample.mean()
