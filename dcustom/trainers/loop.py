@@ -125,6 +125,11 @@ class TrainingMethod:
         """Validation images into ``folder`` (main process, no grad, forked RNG); returns their paths."""
         return []
 
+    def validate(self, step: int, run_dir: Path) -> Optional[dict]:
+        """Right after `sample`, same conditions: scores of the model at ``step`` (JSON-able), emitted as a
+        "validation" event; None when the method measures nothing."""
+        return None
+
     def extra_state(self) -> dict:
         """JSON-able state that is not a parameter, stored with each checkpoint."""
         return {}
@@ -377,5 +382,8 @@ def _sample(method, step: int, run_dir: Path, events: EventLog, is_main: bool) -
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         paths = sample(step, folder)
+        scores = _hook(method, "validate")(step, run_dir)
     if paths:
         events.emit("sample", step=step, paths=[str(p) for p in paths])
+    if scores:
+        events.emit("validation", step=step, **scores)

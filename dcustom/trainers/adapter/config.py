@@ -10,6 +10,7 @@ from typing import Optional
 
 from dcustom.config import opt
 from dcustom.data import DataConfig
+from dcustom.trainers.fidelity import FidelityConfig
 from dcustom.trainers.loop import LoopConfig
 from dcustom.trainers.peft_adapters import ATTN_TARGETS, LoraAdapterConfig
 
@@ -26,6 +27,8 @@ class AdapterTrainConfig:
     validation_prompts: list[str] = opt(["a photo of sks dog on the beach"], "Prompts rendered as samples (every train.sample_every steps and at the end).")
     sample_steps: int = opt(25, "Sampling steps for validation images.", ge=1)
     sample_seed: int = opt(1234, "Seed of the validation images (same each time, so they are comparable).", ge=0)
+    fidelity: FidelityConfig = opt(FidelityConfig(), "Subject fidelity and prompt adherence with each sample, and the "
+                                                      "best step's adapter kept in best/.")
 
     def __post_init__(self):
         if self.train.steps < 1:

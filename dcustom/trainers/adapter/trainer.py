@@ -9,6 +9,8 @@ settings, checks, files). What is left here is the order of the steps and the op
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 from dcustom.adapters.files import dcustom_metadata
@@ -27,6 +29,8 @@ from dcustom.trainers.peft_adapters import (
     peft_version,
     save_adapter_files,
 )
+
+log = logging.getLogger("dcustom.train")
 
 
 def peft_config_for(cfg: AdapterTrainConfig):
@@ -49,6 +53,7 @@ class AdapterMethod(TrainingMethod):
         self.cfg = cfg
         self.objective = DenoisingObjective(cfg.model, cfg.data, cfg.min_snr_gamma, cfg.noise_offset, pipe)
         self.extraction_error = self.extraction_worst = None
+        self.judge, self.judge_reason, self.best = None, None, None
 
     @property
     def pipe(self):
@@ -104,7 +109,21 @@ class AdapterMethod(TrainingMethod):
             self.objective.prepare_class_examples()
         if cfg.data.cache_text and not self.train_te:
             self.objective.cache_text()
+        if ctx.is_main:
+            self._make_judge()
         return list(range(len(self.objective.examples)))
+
+    def _make_judge(self):
+        from dcustom.data import open_rgb
+        from dcustom.trainers.fidelity import make_judge
+
+        cfg = self.cfg
+        texts = [ex.caption for ex in self.objective.examples] + [cfg.data.instance_prompt] + cfg.validation_prompts
+        references = [open_rgb(rec.path)[0] for rec in self.used] if cfg.fidelity.judge in ("auto", "features") \
+            and cfg.fidelity.feature_model else []
+        self.judge, self.judge_reason = make_judge(cfg.fidelity, cfg.model, texts, references, cfg.validation_prompts)
+        if self.judge_reason:
+            log.warning("%s", self.judge_reason)
 
     def trainable_parameters(self):
         named = {f"unet.{n}": p for n, p in self.pipe.unet.named_parameters() if p.requires_grad}
@@ -116,7 +135,9 @@ class AdapterMethod(TrainingMethod):
     def training_step(self, batch, step):
         return self.objective.loss_with_prior([self.objective.examples[i] for i in batch])
 
-    def save(self, folder: Path) -> list[Path]:
+    def save(self, folder: Path, best: bool = False) -> list[Path]:
+        """The adapter files into `folder`: everything in the run folder, the adapter alone in checkpoints, and
+        for best/ the adapter plus the kohya file (the one other tools load; extraction waits for the end)."""
         cfg = self.cfg
         meta = dcustom_metadata(cfg.method, cfg.model, self.family.name, to_dict(cfg), cfg.method,
                                 peft_version=peft_version())
@@ -126,6 +147,8 @@ class AdapterMethod(TrainingMethod):
         else:
             extra = dict(extract_rank=cfg.extract_rank, write_merged=cfg.write_merged, write_full_diff=cfg.write_full_diff)
         final = Path(folder) == Path(self.ctx.cfg.output_dir)  # checkpoints get the adapter only
+        if best and cfg.method == "lora":
+            final = True  # a LoRA's final extras are its kohya file: cheap, and what A1111/ComfyUI users load
         written = save_adapter_files(folder, self.pipe, self.family.name, cfg.method, meta, final=final, **extra)
         if written.extraction is not None:
             self.extraction_error, *worst = written.extraction
@@ -135,6 +158,48 @@ class AdapterMethod(TrainingMethod):
     def sample(self, step: int, folder: Path) -> list[Path]:
         return self.objective.render_samples(folder, self.cfg.validation_prompts, self.cfg.sample_steps,
                                              self.cfg.sample_seed)
+
+    def validate(self, step: int, run_dir: Path):
+        """Subject fidelity and prompt adherence at `step` (see trainers/fidelity.py); keeps best/ up to date."""
+        from dcustom.trainers.fidelity import plot_validation
+
+        if self.judge is None:  # said once, in the log and in events.jsonl
+            reason, self.judge_reason = self.judge_reason, None
+            return {"judge": "none", "reason": reason} if reason else None
+        unet = self.pipe.unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            with self.ctx.accelerator.autocast():
+                scores = self.judge.measure(self.pipe, size=self.objective.resolution)
+        finally:
+            unet.train(was_training)
+        if self.cfg.fidelity.keep_best and (self.best is None or scores["select"] > self.best["score"]):
+            self.best = {"step": step, "score": scores["select"]}
+            self._save_best(Path(run_dir))
+        if self.best is not None:
+            scores["best_step"] = self.best["step"]
+        plot_validation(Path(run_dir) / "events.jsonl", Path(run_dir) / "validation.png", {"step": step, **scores})
+        return scores
+
+    def _save_best(self, run_dir: Path):
+        """The adapter as it is now into run_dir/best (a temp folder renamed over the old one)."""
+        import shutil
+
+        tmp, best = run_dir / ".best.tmp", run_dir / "best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        self.save(tmp, best=True)
+        (tmp / "best.json").write_text(json.dumps(self.best))
+        if best.exists():
+            shutil.rmtree(best)
+        tmp.rename(best)
+
+    def extra_state(self) -> dict:
+        return {"best": self.best}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.best = state.get("best")
 
 
 def train(cfg: AdapterTrainConfig, pipe=None, on_event=None, should_stop=None, progress: bool = True):
