@@ -21,8 +21,10 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$venv/bin/python" -c "
 fi
 torch_pin="$(grep -E '^torch==' requirements.lock)"
 echo "setup: installing $torch_pin, then requirements.lock into $venv (a few minutes the first time)"
-"$venv/bin/python" -m pip install -q "$torch_pin"
-"$venv/bin/python" -m pip install -q -r requirements.lock
-"$venv/bin/python" -m pip install -q --no-deps -e .
+log="$venv/.dcustom-setup.log"
+quiet() { "$@" >"$log" 2>&1 || { cat "$log" >&2; echo "setup: failed: $*" >&2; exit 1; }; }
+quiet "$venv/bin/python" -m pip install -q "$torch_pin"
+quiet "$venv/bin/python" -m pip install -q -r requirements.lock
+quiet "$venv/bin/python" -m pip install -q --no-deps -e .
 echo "$want" > "$stamp"
 echo "setup: done ($("$venv/bin/python" -c 'import torch, diffusers, transformers, peft; print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"
