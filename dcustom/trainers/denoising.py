@@ -36,6 +36,7 @@ from dcustom.data import (
     unet_stride,
 )
 from dcustom.errors import DcustomError
+from dcustom.trainers.loop import TrainingMethod
 
 log = logging.getLogger("dcustom.train")
 
@@ -318,3 +319,24 @@ class DenoisingObjective:
         finally:
             unet.train(was_training)
         return paths
+
+
+class SubjectMethod(TrainingMethod):
+    """A training method built on a `DenoisingObjective` (held as `self.objective`): the pipeline, its family and
+    the images used or skipped are the objective's."""
+
+    @property
+    def pipe(self):
+        return self.objective.pipe
+
+    @property
+    def family(self):
+        return self.objective.family
+
+    @property
+    def used(self) -> list:
+        return self.objective.used
+
+    @property
+    def skipped(self) -> list:
+        return self.objective.skipped

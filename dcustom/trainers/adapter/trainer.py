@@ -16,8 +16,8 @@ from pathlib import Path
 from dcustom.adapters.files import dcustom_metadata
 from dcustom.config import to_dict
 from dcustom.trainers.adapter.config import AdapterTrainConfig
-from dcustom.trainers.denoising import DenoisingObjective
-from dcustom.trainers.loop import LoopContext, TrainingMethod, run_training
+from dcustom.trainers.denoising import DenoisingObjective, SubjectMethod
+from dcustom.trainers.loop import LoopContext, run_training
 from dcustom.trainers.peft_adapters import (
     TEXT_ENCODER_TARGETS,
     LoraAdapterConfig,
@@ -48,28 +48,12 @@ def text_encoder_alpha(cfg) -> float:
     return float(cfg.scale_alpha if cfg.text_encoder_alpha is None else cfg.text_encoder_alpha)
 
 
-class AdapterMethod(TrainingMethod):
+class AdapterMethod(SubjectMethod):
     def __init__(self, cfg: AdapterTrainConfig, pipe=None):
         self.cfg = cfg
         self.objective = DenoisingObjective(cfg.model, cfg.data, cfg.min_snr_gamma, cfg.noise_offset, pipe)
         self.extraction_error = self.extraction_worst = None
         self.judge, self.judge_reason, self.best = None, None, None
-
-    @property
-    def pipe(self):
-        return self.objective.pipe
-
-    @property
-    def family(self):
-        return self.objective.family
-
-    @property
-    def used(self) -> list:
-        return self.objective.used
-
-    @property
-    def skipped(self) -> list:
-        return self.objective.skipped
 
     # --- loop interface -------------------------------------------------------------------
     def setup(self, ctx: LoopContext):

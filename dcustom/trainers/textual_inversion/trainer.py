@@ -26,8 +26,8 @@ from pathlib import Path
 
 from dcustom.config import to_dict
 from dcustom.errors import DcustomError
-from dcustom.trainers.denoising import DenoisingObjective
-from dcustom.trainers.loop import LoopContext, TrainingMethod, run_training
+from dcustom.trainers.denoising import DenoisingObjective, SubjectMethod
+from dcustom.trainers.loop import LoopContext, run_training
 from dcustom.trainers.peft_adapters import check_targets, lora_config, oft_config, peft_version, save_adapter_files
 from dcustom.trainers.textual_inversion.config import TextualInversionTrainConfig
 
@@ -70,29 +70,13 @@ def pivotal_peft_config(cfg: TextualInversionTrainConfig):
     raise DcustomError(f"adapter: {cfg.adapter!r} is not known; accepted: none, lora, oft.")
 
 
-class TextualInversionMethod(TrainingMethod):
+class TextualInversionMethod(SubjectMethod):
     def __init__(self, cfg: TextualInversionTrainConfig, pipe=None):
         self.cfg = cfg
         self.objective = DenoisingObjective(cfg.model, cfg.data, cfg.min_snr_gamma, cfg.noise_offset, pipe)
         self.adapter_params = {}  # the pivotal-tuning adapter's parameters (empty without one)
         self.frozen_deltas = None
         self.held_adapter = None
-
-    @property
-    def pipe(self):
-        return self.objective.pipe
-
-    @property
-    def family(self):
-        return self.objective.family
-
-    @property
-    def used(self) -> list:
-        return self.objective.used
-
-    @property
-    def skipped(self) -> list:
-        return self.objective.skipped
 
     # --- loop interface -------------------------------------------------------------------
     def setup(self, ctx: LoopContext):
