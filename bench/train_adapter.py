@@ -3,6 +3,7 @@
     python bench/train_adapter.py --arch tiny-sd15            # CPU, seconds
     python bench/train_adapter.py --arch sd15 --device cuda    # SD1.5 architecture, random weights, 512 px
     python bench/train_adapter.py --arch sdxl --device cuda    # SDXL architecture, random weights, 1024 px
+    python bench/train_adapter.py --model builtin:toy           # the trained toy model, its subject renders, CPU
 
 plain:     batch 1, VAE and text encoder run every step (the documented DreamBooth-LoRA loop),
            fp16 autocast on CUDA (fp32 on CPU), LoRA params fp32, AdamW.
@@ -177,6 +178,8 @@ def optimized_recipe(pipe, folder: Path, prompt: str, size: int, steps: int, war
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="tiny-sd15", help="tiny-sd15, tiny-sdxl, sd15, sdxl")
+    ap.add_argument("--model", default=None, help="a model spec instead of --arch (e.g. builtin:toy: trained on the "
+                                                  "robot's renders at 64 px)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", type=int, default=None, help="pixels (default: 64 tiny, 512 sd15, 1024 sdxl)")
     ap.add_argument("--batch", type=int, default=8)
@@ -192,14 +195,29 @@ def main():
     size = args.size or {"sd15": 512, "sdxl": 1024}.get(args.arch, 64)
     prompt = "a photo of sks dog"
     with tempfile.TemporaryDirectory() as tmp:
-        folder = subject_folder(Path(tmp), 5, size)
-        images = sorted(folder.glob("*.png"))
-        pipe = build_pipeline(args.arch).to(args.device)
+        if args.model:
+            from dcustom.models import load_pipeline
+            from dcustom.toyworld.subjects import write_subject_examples
+
+            pipe = load_pipeline(args.model, device=args.device, dtype="fp32")
+            size = args.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+            if args.model == "builtin:toy":
+                folder, phrase = write_subject_examples("robot", Path(tmp) / "robot", masks=False)
+                prompt = f"a photo of a {phrase}"
+            else:
+                folder = subject_folder(Path(tmp), 5, size)
+        else:
+            folder = subject_folder(Path(tmp), 5, size)
+            pipe = build_pipeline(args.arch).to(args.device)
+        images = sorted(p for p in folder.glob("*.png") if not p.name.endswith(".mask.png"))
         pipe.set_progress_bar_config(disable=True)
         reset_peak(args.device)
         plain = plain_recipe(pipe, images, prompt, size, args.steps, args.warmup, args.device, args.rank)
         plain_mem = peak_gib(args.device)
-        pipe = build_pipeline(args.arch).to(args.device)  # fresh weights, no leftover adapter
+        if args.model:  # fresh weights, no leftover adapter
+            pipe = load_pipeline(args.model, device=args.device, dtype="fp32")
+        else:
+            pipe = build_pipeline(args.arch).to(args.device)
         pipe.set_progress_bar_config(disable=True)
         reset_peak(args.device)
         opt = optimized_recipe(pipe, folder, prompt, size, args.steps, args.warmup, args.device, args.batch, args.rank,
@@ -207,7 +225,7 @@ def main():
         opt_mem = peak_gib(args.device)
     plain_sps = 1 / statistics.median(plain)
     opt_sps = args.batch / statistics.median(opt)
-    print(f"arch={args.arch} size={size} device={args.device} rank={args.rank} timed_steps={args.steps} warmup={args.warmup} "
+    print(f"{'model=' + args.model if args.model else 'arch=' + args.arch} size={size} device={args.device} rank={args.rank} timed_steps={args.steps} warmup={args.warmup} "
           f"torch_threads={torch.get_num_threads()}")
     print(f"plain     (batch 1, encoders every step)        : {plain_sps:8.2f} samples/s  peak {plain_mem}")
     print(f"optimized (batch {args.batch}, cached latents+text)      : {opt_sps:8.2f} samples/s  peak {opt_mem}")
