@@ -20,6 +20,8 @@ def build(state, queue, adapter_dropdowns: list) -> dict:
         with gr.Column(scale=5):
             images = gr.File(label="Training images (3-20 photos of one subject)", file_count="multiple",
                              file_types=["image"], elem_id="train_images")
+            example = gr.Button("Use the example subject: 5 renders of the toy robot (builtin:toy never saw it)",
+                                size="sm", elem_id="train_example")
             with gr.Row():
                 method = gr.Radio(methods, value=methods[0] if methods else None, label="Method", elem_id="train_method")
                 model = gr.Dropdown(state.model_choices(), value=state.default_model, allow_custom_value=True, label="Base model",
@@ -103,6 +105,19 @@ def build(state, queue, adapter_dropdowns: list) -> dict:
             return (gr.update(),) * 5 + (names, seen, *adapter_updates)
         return (*render(snap), names, key, *adapter_updates)
 
+    @shown_in_ui
+    def on_example():
+        """The demo's subject in one click: its renders as the images, its trigger phrase, builtin:toy."""
+        from dcustom.toyworld.subjects import write_subject_examples
+
+        folder, phrase = write_subject_examples("robot", state.paths.root / "examples" / "robot", masks=False)
+        trigger_word, class_name = phrase.split()
+        files = sorted(str(p) for p in folder.glob("*.png"))
+        model_value = "builtin:toy" if "builtin:toy" in state.model_choices() else gr.update()
+        return files, trigger_word, class_name, model_value, f"a photo of a {phrase} on a black background"
+
+    example.click(on_example, None, [images, trigger, class_word, model, validation_prompt], api_name="train_example",
+                  queue=False)
     show_yaml.click(on_show_yaml, form_inputs, yaml_box, api_name="train_yaml", queue=False)
     job_id_out = gr.Textbox(visible=False)
     start.click(on_start, [images, *form_inputs], [job, yaml_box, yaml_file, job_id_out], api_name="train_start",
