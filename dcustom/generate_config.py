@@ -14,7 +14,7 @@ SCHEDULERS = ("default", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler", "euler_
 @dataclass
 class GenerateConfig:
     method: str = opt("generate", "Config kind; always 'generate'.")
-    model: str = opt("tiny:sd15", "Base model: builtin:toy, tiny:sd15|sd2|sdxl, a diffusers folder, a .safetensors/.ckpt file or a hub id.")
+    model: str = opt("builtin:toy", "Base model: builtin:toy, tiny:sd15|sd2|sdxl, a diffusers folder, a .safetensors/.ckpt file or a hub id.")
     model_config: Optional[str] = opt(None, "Only for a single-file model offline: a local diffusers folder of the same family whose configs describe it.")
     prompt: str = opt("a photo of a cat", "What to draw.")
     negative_prompt: str = opt("", "What to steer away from.")

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from quality_gate import PENDING
 import torch
 from PIL import Image
 
@@ -113,6 +114,7 @@ def test_cache_hits_on_a_second_call_and_misses_when_a_key_changes(sd15, tmp_pat
 
 
 @pytest.mark.slow
+@PENDING
 @pytest.mark.skipif(toy_model_dir() is None,
                     reason="builtin:toy is not shipped in this install (train it with 'bash scripts/toy/train_cpu.sh'); the reconstruction PSNR check runs when it is")
 def test_toy_model_reconstruction_psnr_rises_with_steps():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from quality_gate import PENDING
 import torch
 from typer.testing import CliRunner
 
@@ -95,6 +96,7 @@ needs_toy = pytest.mark.skipif(TOY is None, reason="builtin:toy is not shipped i
 
 
 @pytest.mark.slow
+@PENDING
 @needs_toy
 def test_toy_make_it_red_raises_j_eval_and_keeps_unrelated_prompts(tmp_path):
     """On builtin:toy, a J_train 'make the object red' reward must raise the same quantity under
