@@ -2,7 +2,9 @@
 
 Trainers and hooks ask the family which text encoders exist, which attention layers a preset
 selects and which extra conditioning the UNet needs, so a new family (SD3, FLUX) is one more entry
-here rather than an edit in every trainer.
+here rather than an edit in every trainer. The MM-DiT families (SD3, FLUX) also say which component
+denoises (`transformer`), that they are trained by flow matching, how their timesteps are shifted,
+and which Linear layers a LoRA wraps by default.
 """
 
 from __future__ import annotations
@@ -20,6 +22,16 @@ class Family:
     default_resolution: int
     # Named regexes over `unet.attn_processors` keys, used by training-free hooks.
     layer_presets: dict[str, str] = field(default_factory=dict)
+    denoiser: str = "unet"  # the pipeline attribute that predicts: "unet" or "transformer"
+    objective: str = "noise"  # "noise" (DDPM ε/v) or "flow" (rectified flow: velocity, σ in [0, 1])
+    # Flow families: "fixed" (SD3: σ' = sσ / (1 + (s-1)σ), s from the scheduler) or "resolution" (FLUX: the
+    # exponent μ grows linearly with the number of image tokens, σ' = e^μ / (e^μ + 1/σ - 1)).
+    timestep_shift: str = "none"
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # LoRA default target_modules
+
+    @property
+    def is_dit(self) -> bool:
+        return self.denoiser == "transformer"
 
 
 _SD_PRESETS = {
@@ -55,9 +67,35 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
+# MM-DiT joint attention: image and text tokens attend together in every `attn` of a transformer block
+# (FLUX also has single-stream blocks, whose `attn` sees the concatenated stream).
+_JOINT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+_DIT_PRESETS = {
+    "all_self": r"transformer_blocks\.\d+\.attn\.processor$",  # every joint (and single-stream) attention
+    "joint": r"^transformer_blocks\.\d+\.attn\.processor$",  # the two-stream (MM-DiT) blocks
+}
+FAMILIES["sd3"] = Family("sd3", "Stable Diffusion 3/3.5", ("text_encoder", "text_encoder_2", "text_encoder_3"),
+                         ("tokenizer", "tokenizer_2", "tokenizer_3"), False, 1024, dict(_DIT_PRESETS),
+                         denoiser="transformer", objective="flow", timestep_shift="fixed", lora_targets=_JOINT_TARGETS)
+FAMILIES["flux"] = Family("flux", "FLUX.1", ("text_encoder", "text_encoder_2"), ("tokenizer", "tokenizer_2"), False,
+                          1024, {**_DIT_PRESETS, "single": r"^single_transformer_blocks\.\d+\.attn\.processor$"},
+                          denoiser="transformer", objective="flow", timestep_shift="resolution",
+                          lora_targets=_JOINT_TARGETS)
+
+
+def denoiser(pipe):
+    """The module that predicts noise or velocity: `pipe.unet` (SD1/2, SDXL) or `pipe.transformer` (SD3, FLUX)."""
+    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+
 
 def detect_family(pipe) -> Family:
     """Family of a loaded diffusers pipeline, from its components (not its class name alone)."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        if getattr(pipe, "text_encoder_3", None) is not None or type(transformer).__name__.startswith("SD3"):
+            return FAMILIES["sd3"]
+        if type(transformer).__name__.startswith("Flux"):
+            return FAMILIES["flux"]
     if getattr(pipe, "text_encoder_2", None) is not None or "XL" in type(pipe).__name__:
         return FAMILIES["sdxl"]
     cross_dim = getattr(pipe.unet.config, "cross_attention_dim", 768)

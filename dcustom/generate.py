@@ -32,6 +32,14 @@ def set_scheduler(pipe, name: str) -> None:
         return
     import diffusers
 
+    from dcustom.errors import DcustomError
+    from dcustom.models import family_of
+
+    family = family_of(pipe)
+    if family.objective == "flow":  # DDPM samplers read betas a flow-matching scheduler does not have
+        raise DcustomError(f"scheduler {name!r} is a DDPM sampler; {family.label} is a flow-matching model and samples "
+                           "with its own flow-matching Euler scheduler: accepted: default.")
+
     cls_name, extra = SCHEDULER_CLASSES[name]
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
 

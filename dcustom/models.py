@@ -2,6 +2,7 @@
 
 Accepted specs:
   tiny:sd15 | tiny:sd2 | tiny:sdxl   random tiny pipelines for tests
+  tiny:sd3 | tiny:flux               random tiny MM-DiT pipelines (CLIP + T5, flow matching)
   builtin:toy                        the embedded toy model shipped inside the package
   path/to/diffusers-folder           a folder with model_index.json
   path/to/model.safetensors|.ckpt    one checkpoint file (diffusers from_single_file)
@@ -19,7 +20,7 @@ from dcustom.errors import DcustomError
 from dcustom.families import Family, detect_family
 
 ACCEPTED = (
-    "'tiny:sd15', 'tiny:sd2', 'tiny:sdxl', 'builtin:toy', a diffusers folder containing model_index.json, "
+    "'tiny:sd15', 'tiny:sd2', 'tiny:sdxl', 'tiny:sd3', 'tiny:flux', 'builtin:toy', a diffusers folder containing model_index.json, "
     "a .safetensors/.ckpt checkpoint file, or a hub id like 'org/name'"
 )
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -162,12 +163,12 @@ def _load_folder(path: Path, torch_dtype):
 
 
 def _check_supported(pipe, where: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)):
         raise DcustomError(
-            f"model {where!r} is a {type(pipe).__name__}; accepted: StableDiffusionPipeline (SD1.x/2.x) "
-            "or StableDiffusionXLPipeline (SDXL)."
+            f"model {where!r} is a {type(pipe).__name__}; accepted: StableDiffusionPipeline (SD1.x/2.x), "
+            "StableDiffusionXLPipeline (SDXL), StableDiffusion3Pipeline (SD3/3.5) or FluxPipeline (FLUX.1)."
         )
 
 

@@ -86,3 +86,45 @@ def build_clip_tokenizer(words, out_dir: str | Path, model_max_length: int = 77)
     tok = CLIPTokenizer.from_pretrained(str(out), model_max_length=model_max_length, pad_token=END)
     tok.save_pretrained(str(out))
     return tok
+
+
+# ----------------------------------------------------------------------------- T5 (SD3, FLUX)
+
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # T5's fixed ids 0, 1, 2
+
+
+def t5_vocab(words) -> list[tuple[str, float]]:
+    """A Unigram vocabulary (piece, log-probability) in which each known word is one piece.
+
+    T5's tokenizer is SentencePiece Unigram: the text is split on whitespace, each word gets a leading "▁",
+    and the most probable segmentation wins. A whole-word piece "▁word" with a higher score than any split
+    keeps each known word one token; single characters (with and without "▁") let any other text tokenize."""
+    import string
+
+    pieces = [(p, 0.0) for p in T5_SPECIALS]
+    seen = set(T5_SPECIALS)
+    for word in sorted({w.lower() for w in words}):
+        piece = "▁" + word
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append((piece, -1.0))
+    for ch in ["▁", *string.ascii_lowercase, *string.ascii_uppercase, *string.digits, *string.punctuation]:
+        for piece in (ch, "▁" + ch) if ch != "▁" else (ch,):
+            if piece not in seen:
+                seen.add(piece)
+                pieces.append((piece, -10.0))
+    return pieces
+
+
+def build_t5_tokenizer(words, out_dir: str | Path, model_max_length: int = 77):
+    """A transformers `T5Tokenizer` (Unigram, the tokenizers backend) over `words`, saved in `out_dir`.
+
+    transformers 5 builds T5's Unigram model from a (piece, score) list, so no sentencepiece model file
+    (and no sentencepiece package) is needed; `from_pretrained(out_dir)` reads back tokenizer.json."""
+    from transformers import T5Tokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = T5Tokenizer(vocab=t5_vocab(words), extra_ids=0, model_max_length=model_max_length)
+    tok.save_pretrained(str(out))
+    return T5Tokenizer.from_pretrained(str(out))

@@ -38,9 +38,9 @@ def test_diffusers_folder_round_trip(tmp_path):
 def test_unknown_spec_lists_what_is_accepted():
     with pytest.raises(DcustomError) as err:
         load_pipeline("stable diffusion please")
-    assert "is not recognised; accepted: 'tiny:sd15', 'tiny:sd2', 'tiny:sdxl', 'builtin:toy'" in str(err.value)
-    with pytest.raises(DcustomError, match="'tiny:sd3' is not a tiny pipeline; accepted: tiny:sd15, tiny:sd2, tiny:sdxl"):
-        load_pipeline("tiny:sd3")
+    assert "is not recognised; accepted: 'tiny:sd15', 'tiny:sd2', 'tiny:sdxl', 'tiny:sd3', 'tiny:flux', 'builtin:toy'" in str(err.value)
+    with pytest.raises(DcustomError, match="'tiny:sd4' is not a tiny pipeline; accepted: tiny:sd15, tiny:sd2, tiny:sdxl, tiny:sd3, tiny:flux"):
+        load_pipeline("tiny:sd4")
     with pytest.raises(DcustomError, match="'builtin:flux' is not a built-in model; accepted: 'builtin:toy'"):
         load_pipeline("builtin:flux")
 
