@@ -82,7 +82,8 @@ def check_outside_inputs(run_dir: Path, run_config) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _step_dirs(run_dir: Path) -> list[Path]:
+def step_dirs(run_dir: Path) -> list[Path]:
+    """Every checkpoints/step-N folder, complete or not, oldest first (temp and `.deleting` names are not)."""
     folder = Path(run_dir) / "checkpoints"
     found = [p for p in folder.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
@@ -96,7 +97,7 @@ def is_complete_checkpoint(path: Path) -> bool:
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """The run's complete checkpoints, oldest first (a folder a kill left half-deleted is not one)."""
-    return [p for p in _step_dirs(run_dir) if is_complete_checkpoint(p)]
+    return [p for p in step_dirs(run_dir) if is_complete_checkpoint(p)]
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path:
@@ -169,7 +170,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _remove_folder(path: Path) -> None:
+def remove_folder(path: Path) -> None:
     """Rename, then delete: a kill while deleting leaves a `.deleting` folder that is never listed as a checkpoint."""
     trash = path.with_name(path.name + ".deleting")
     shutil.rmtree(trash, ignore_errors=True)
@@ -196,16 +197,16 @@ def save_checkpoint(run_dir: Path, step: int, params: dict, optimizer, scheduler
     (tmp / "state.json").write_text(json.dumps({"step": step, "extra": extra}))
     save_files(tmp)
     if final.exists():
-        _remove_folder(final)
+        remove_folder(final)
     tmp.rename(final)
     for leftover in (run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*.deleting"):
         shutil.rmtree(leftover, ignore_errors=True)  # from a kill during an earlier prune
     complete = checkpoint_dirs(run_dir)
-    stale = [p for p in _step_dirs(run_dir) if p not in complete]  # half-deleted by an older dcustom
+    stale = [p for p in step_dirs(run_dir) if p not in complete]  # half-deleted by an older dcustom
     if keep > 0:
         stale += complete[:-keep]
     for old in stale:
-        _remove_folder(old)
+        remove_folder(old)
     return final
 
 
