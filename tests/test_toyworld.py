@@ -322,3 +322,15 @@ def test_generic_images_are_reproducible_and_never_draw_a_subject():
     import dcustom.toyworld.generic as generic
 
     assert "SUBJECT_PARTS" not in vars(generic) and "render_subject" not in vars(generic)
+
+
+def test_recipe_resume_skips_unfinished_checkpoint_folders(tmp_path):
+    from dcustom.toyworld.recipe import checkpoints
+
+    for name, done in (("step-4", True), ("step-6", False), ("step-8.deleting", True), (".step-9.tmp", True)):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        if done:
+            (tmp_path / "checkpoints" / name / "state.json").write_text("{}")
+    # state.json is written last and a pruned folder is renamed before it is deleted: neither half is resumed
+    assert checkpoints.latest(tmp_path) == tmp_path / "checkpoints" / "step-4"
+    assert checkpoints.latest(tmp_path / "none") is None
