@@ -323,7 +323,11 @@ def to_tensor(image):
 
 
 def unet_stride(pipe) -> int:
-    """Pixel multiple that every UNet level can halve: VAE factor x 2**(levels - 1)."""
+    """Pixel multiple that every UNet level can halve: VAE factor x 2**(levels - 1). An MM-DiT transformer
+    cuts its latents into 2x2 patches (SD3's patch_size, FLUX's packing): VAE factor x 2."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        return pipe.vae_scale_factor * max(2, getattr(transformer.config, "patch_size", 1))
     return pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
 
 

@@ -26,6 +26,9 @@ def convert_lora(src, to: str, dst, model: str | None = None) -> Path:
                            "ComfyUI/Forge, A1111 and InvokeAI) or 'dcustom adapters extract' to get a LoRA.")
     meta = read_metadata(target)
     fmt = meta.get("dcustom.format") or ("kohya" if target.name.endswith("kohya.safetensors") else "")
+    dit_family = _dit_family(target, meta)
+    if dit_family is not None:
+        return _convert_dit(target, to, Path(dst), dit_family)
     if to == "kohya":
         if fmt == "kohya":
             raise DcustomError(f"convert: {str(target)!r} is already in kohya form.")
@@ -38,6 +41,40 @@ def convert_lora(src, to: str, dst, model: str | None = None) -> Path:
         pipe = _base_pipeline(target, meta, model)
         return kohya_to_diffusers(target, Path(dst), family=family_of(pipe).name, pipe=pipe)
     return kohya_to_diffusers(target, Path(dst))
+
+
+def _dit_family(target: Path, meta: dict):
+    """'sd3' or 'flux' for an MM-DiT LoRA file (from its header, else its key names), None for UNet families."""
+    from safetensors import safe_open
+
+    from dcustom.adapters.dit import family_from_keys
+    from dcustom.families import FAMILIES
+
+    family = meta.get("dcustom.family")
+    if family in FAMILIES:
+        return family if FAMILIES[family].is_dit else None
+    with safe_open(str(target), framework="pt") as f:
+        return family_from_keys(f.keys())
+
+
+def _convert_dit(target: Path, to: str, dst: Path, family: str) -> Path:
+    """SD3/FLUX: diffusers <-> the original checkpoint's names with q/k/v fused (adapters/dit.py), exact both ways."""
+    from dcustom.adapters.dit import dit_diffusers_to_kohya, dit_kohya_to_diffusers
+
+    if to == "full":
+        raise DcustomError(f"convert: --to full is for UNet families; {str(target)!r} is an {family} LoRA: use "
+                           "--to kohya (exact for LoRA) for ComfyUI.")
+    from safetensors import safe_open
+
+    with safe_open(str(target), framework="pt") as f:
+        is_kohya = any(k.startswith("lora_unet_") for k in f.keys())
+    if is_kohya == (to == "kohya"):
+        raise DcustomError(f"convert: {str(target)!r} is already in {to} form.")
+    if _has_dora(target):
+        raise DcustomError(f"convert: {str(target)!r} is a DoRA; its magnitudes have no place in the fused q/k/v "
+                           f"modules of the {family} kohya layout, so only its diffusers file exists.")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    return (dit_diffusers_to_kohya if to == "kohya" else dit_kohya_to_diffusers)(target, dst, family)
 
 
 def _has_dora(path) -> bool:

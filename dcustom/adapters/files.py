@@ -59,12 +59,19 @@ def _peft_state(model, adapter_name: str = "default") -> dict:
 
 
 def save_diffusers_lora(folder: Path, pipe, text_encoders: list[str], meta: dict, adapter_name: str = "default") -> Path:
-    """`pytorch_lora_weights.safetensors` as `pipe.load_lora_weights` reads it, with the peft config (true alpha)."""
+    """`pytorch_lora_weights.safetensors` as `pipe.load_lora_weights` reads it, with the peft config (true alpha).
+
+    SD3/FLUX pipelines keep their LoRA on `transformer` under peft's own key names (`transformer.<module>.lora_A`),
+    the form their diffusers loaders and training scripts use; UNet pipelines under diffusers' names."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from safetensors.torch import load_file
 
-    kwargs = {"unet_lora_layers": convert_state_dict_to_diffusers(_peft_state(pipe.unet, adapter_name)),
-              "unet_lora_adapter_metadata": portable_lora_config(pipe.unet.peft_config[adapter_name])}
+    if getattr(pipe, "transformer", None) is not None:
+        kwargs = {"transformer_lora_layers": _peft_state(pipe.transformer, adapter_name),
+                  "transformer_lora_adapter_metadata": portable_lora_config(pipe.transformer.peft_config[adapter_name])}
+    else:
+        kwargs = {"unet_lora_layers": convert_state_dict_to_diffusers(_peft_state(pipe.unet, adapter_name)),
+                  "unet_lora_adapter_metadata": portable_lora_config(pipe.unet.peft_config[adapter_name])}
     for name in text_encoders:
         model = getattr(pipe, name)
         state = convert_state_dict_to_diffusers(_peft_state(model, adapter_name))

@@ -73,7 +73,7 @@ def check_family(pipe, meta: dict, where: str) -> None:
     from dcustom.families import FAMILIES
     from dcustom.models import family_of
 
-    trained_for = meta.get("dcustom.family")
+    trained_for = meta.get("dcustom.family") or _family_from_file_keys(where)
     here = family_of(pipe)
     if trained_for and trained_for != here.name:
         label = FAMILIES[trained_for].label if trained_for in FAMILIES else trained_for
@@ -81,9 +81,24 @@ def check_family(pipe, meta: dict, where: str) -> None:
                            f"{here.label} ({here.name}); load it on a {label} model.")
 
 
+def _family_from_file_keys(where: str):
+    """'flux' or 'sd3' for a LoRA file without dcustom metadata whose keys name that family's modules, else None."""
+    from safetensors import safe_open
+
+    from dcustom.adapters.dit import family_from_keys
+
+    path = Path(where)
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return family_from_keys(f.keys())
+
+
 def _adapter_names(pipe) -> list[str]:
+    from dcustom.families import denoiser
+
     names = []
-    for model in (pipe.unet, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+    for model in (denoiser(pipe), getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
         if model is not None and getattr(model, "peft_config", None):
             names += [n for n in model.peft_config if n not in names]
     return names
@@ -147,7 +162,9 @@ def apply_adapters(pipe, specs: list[str]) -> None:
 def _lora_names(pipe) -> list[str]:
     from peft import LoraConfig
 
-    cfgs = getattr(pipe.unet, "peft_config", {}) or {}
+    from dcustom.families import denoiser
+
+    cfgs = getattr(denoiser(pipe), "peft_config", {}) or {}
     return [n for n, c in cfgs.items() if isinstance(c, LoraConfig)]
 
 
@@ -158,19 +175,30 @@ def _load_lora(pipe, file: Path, name: str) -> None:
         raise DcustomError(f"adapter {str(file)!r} holds full weight differences (`.diff`), an export for ComfyUI/Forge, "
                            "A1111 and InvokeAI; in dcustom load the run's peft folder or diffusers file instead.")
 
+    from dcustom.models import family_of
+
+    family = family_of(pipe)
+    if family.is_dit and _is_kohya(file):
+        # the original checkpoint's names with q/k/v fused: split exactly into diffusers' layers (adapters/dit.py)
+        import tempfile
+
+        from dcustom.adapters.dit import dit_kohya_to_diffusers
+
+        with tempfile.TemporaryDirectory() as tmp:
+            converted = dit_kohya_to_diffusers(file, Path(tmp) / DIFFUSERS_LORA_NAME, family.name)
+            return _load_lora_file(pipe, converted, name, shown=file)
     if is_kohya_dora(file):
         # diffusers' SD/SDXL readers drop `dora_scale` (a plain LoRA, wrong output): go through our diffusers form
         import tempfile
 
         from dcustom.adapters.kohya import kohya_to_diffusers
-        from dcustom.models import family_of
 
         with tempfile.TemporaryDirectory() as tmp:
             try:
-                converted = kohya_to_diffusers(file, Path(tmp) / DIFFUSERS_LORA_NAME, family=family_of(pipe).name, pipe=pipe)
+                converted = kohya_to_diffusers(file, Path(tmp) / DIFFUSERS_LORA_NAME, family=family.name, pipe=pipe)
             except (ValueError, KeyError, RuntimeError, StopIteration) as exc:
                 raise DcustomError(f"adapter {str(file)!r}: its kohya DoRA keys do not convert for this "
-                                   f"{family_of(pipe).label} pipeline ({str(exc).strip()[:200] or type(exc).__name__}).") from None
+                                   f"{family.label} pipeline ({str(exc).strip()[:200] or type(exc).__name__}).") from None
             return _load_lora_file(pipe, converted, name, shown=file)
     if _has_flat_text_encoder_keys(file):
         # written from transformers 5 module names (`text_encoder.encoder.layers.*`): diffusers with transformers 4
@@ -186,6 +214,13 @@ def _load_lora(pipe, file: Path, name: str) -> None:
                                  read_metadata(file))
             return _load_lora_file(pipe, fixed, name, shown=file)
     _load_lora_file(pipe, file, name, shown=file)
+
+
+def _is_kohya(file: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return any(k.startswith("lora_unet_") for k in f.keys())
 
 
 def _is_full_diff(file: Path) -> bool:
@@ -299,8 +334,26 @@ def adapter_summary(path) -> dict:
                   "dcustom.extraction_worst_rel_error"):
         if extra in meta:
             out[extra.split(".", 1)[1]] = meta[extra]
-    out["use_with"], out["not_for"] = tools_for(kind, out["format"], keys, meta)
+    if out["family"] == "unknown":
+        from dcustom.adapters.dit import family_from_keys
+
+        out["family"] = family_from_keys(keys) or "unknown"
+    if out["family"] in ("sd3", "flux"):
+        out["use_with"], out["not_for"] = dit_tools_for(out["format"], out["family"])
+    else:
+        out["use_with"], out["not_for"] = tools_for(kind, out["format"], keys, meta)
     return out
+
+
+def dit_tools_for(fmt: str, family: str) -> tuple[str, str]:
+    """(tools, not for) of an SD3/FLUX LoRA: the diffusers file or the original-checkpoint (kohya/ComfyUI) layout."""
+    pipeline = "FluxPipeline" if family == "flux" else "StableDiffusion3Pipeline"
+    if fmt.startswith("kohya"):
+        return (f"ComfyUI, kohya sd-scripts, dcustom (original {family} module names, q/k/v fused)",
+                f"diffusers {pipeline}.load_lora_weights at other than the released model's widths: use the diffusers "
+                "file (dcustom adapters convert <file> --to diffusers)")
+    return (f"diffusers {pipeline}.load_lora_weights; dcustom",
+            f"tools that read the original {family} checkpoint's names (kohya sd-scripts): lora_kohya.safetensors ({KOHYA_HINT})")
 
 
 KOHYA_HINT = "dcustom adapters convert <run> --to kohya"
@@ -357,6 +410,6 @@ def _numel(shape) -> int:
 def _guess_format(keys: list[str]) -> str:
     if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
         return "kohya"
-    if any(k.startswith(("unet.", "text_encoder")) for k in keys):
+    if any(k.startswith(("unet.", "text_encoder", "transformer.")) for k in keys):
         return "diffusers"
     return "peft"

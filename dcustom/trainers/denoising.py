@@ -116,6 +116,9 @@ class DenoisingObjective:
         pipe = self.pipe
         pipe.to(ctx.device)
         self.family = family_of(pipe)
+        if self.family.is_dit:  # flow matching on a transformer: its own objective (trainers/flow/)
+            raise DcustomError(f"model {self.model!r} is {self.family.label}, a flow-matching transformer; train a LoRA "
+                               "on it with 'dcustom train flow_lora'.")
         self.prediction = prediction_type(pipe)
         if self.prediction not in ("epsilon", "v_prediction"):
             raise DcustomError(f"model {self.model!r} predicts {self.prediction!r}; accepted: epsilon or v_prediction.")

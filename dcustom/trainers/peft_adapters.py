@@ -70,14 +70,15 @@ def boft_config(block_size: int, butterfly_factor: int, target_modules, dropout:
                       target_modules=list(target_modules), boft_dropout=dropout, bias="none")
 
 
-def check_targets(unet, target_modules, block_size: Optional[int] = None) -> None:
-    """Before injection: every target names a UNet layer, and (OFT/BOFT) `block_size` divides each targeted
-    Linear layer's input width; else one sentence."""
+def check_targets(unet, target_modules, block_size: Optional[int] = None, what: str = "UNet",
+                  examples: str = "to_q, to_k, to_v, to_out.0, proj_in, ff.net.2") -> None:
+    """Before injection: every target names a layer of `unet` (a UNet, or the `what` model), and (OFT/BOFT)
+    `block_size` divides each targeted Linear layer's input width; else one sentence."""
     names = {n.rsplit(".", 1)[-1] if "." in n else n for n, _ in unet.named_modules()}
     full = {n for n, _ in unet.named_modules()}
     for t in target_modules:
         if t not in names and not any(n.endswith("." + t) for n in full):
-            raise DcustomError(f"target_modules: {t!r} matches no UNet layer; accepted e.g. to_q, to_k, to_v, to_out.0, proj_in, ff.net.2.")
+            raise DcustomError(f"target_modules: {t!r} matches no {what} layer; accepted e.g. {examples}.")
     if block_size is None:
         return
     import torch
