@@ -1,4 +1,4 @@
-"""Attention-processor hooks for stock diffusers UNets.
+"""Attention-processor hooks for stock diffusers UNets and MM-DiT transformers (SD3, FLUX).
 
 The rules every training-free module here follows (docs/architecture.md, "Hooks"):
 - layers are selected by regex over `unet.attn_processors` names, never by counting calls;
@@ -162,7 +162,7 @@ class HookProcessor:
         self.original = original
         self.gate = gate
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, temb=None,
                  ip_adapter_masks=None, **kwargs):
         extra = dict(kwargs)
         if temb is not None:
@@ -171,9 +171,12 @@ class HookProcessor:
             extra["ip_adapter_masks"] = ip_adapter_masks
 
         def call(states=hidden_states):
+            if args:  # called positionally: FLUX's attention passes image_rotary_emb as the fifth argument
+                return self.original(attn, states, encoder_hidden_states, attention_mask, *args, **extra)
             return self.original(attn, states, encoder_hidden_states=encoder_hidden_states,
                                  attention_mask=attention_mask, **extra)
 
+        # joint attention (SD3/FLUX: text tokens arrive as encoder_hidden_states) is not self-attention: delegate
         if (not self.gate.active() or encoder_hidden_states is not None or attention_mask is not None
                 or hidden_states.ndim != 3):
             return call()
