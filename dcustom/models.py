@@ -201,6 +201,12 @@ def _load_single_file(path: Path, torch_dtype, config):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     keys = _checkpoint_keys(path)
+    dit = next((name for marks, name in (
+        (("double_blocks.", "model.diffusion_model.double_blocks."), "FLUX.1"),
+        (("joint_blocks.", "model.diffusion_model.joint_blocks."), "SD3/3.5")) if any(k.startswith(marks) for k in keys)), None)
+    if dit is not None:  # diffusers reads these, but dcustom has no offline config/test path for them yet
+        raise DcustomError(f"checkpoint {str(path)!r} is a {dit} single file, which dcustom does not load yet; accepted "
+                           f"for {dit}: a diffusers folder or hub id (its model_index.json and transformer/ folder).")
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise DcustomError(
             f"checkpoint {str(path)!r} has no UNet weights (no 'model.diffusion_model.*' keys); accepted: a full "

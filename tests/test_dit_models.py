@@ -57,3 +57,21 @@ def test_ddpm_sampler_refused_on_flow_models(tmp_path):
 
     with pytest.raises(DcustomError, match="flow-matching model .* accepted: default"):
         generate(GenerateConfig(model="tiny:flux", scheduler="ddim", steps=2, output_dir=str(tmp_path)))
+
+
+def test_dit_single_file_is_refused_in_one_sentence(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 1)}, str(tmp_path / "flux1-dev.safetensors"))
+    with pytest.raises(DcustomError, match="is a FLUX.1 single file, which dcustom does not load yet"):
+        load_pipeline(str(tmp_path / "flux1-dev.safetensors"))
+
+
+def test_diffusers_folder_round_trip(tmp_path):
+    pipe = load_pipeline("tiny:sd3")
+    pipe.save_pretrained(tmp_path / "model")
+    again = load_pipeline(str(tmp_path / "model"))
+    assert type(again).__name__ == "StableDiffusion3Pipeline" and family_of(again).name == "sd3"
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    kw = dict(prompt="a cat", num_inference_steps=2, height=32, width=32, output_type="np", max_sequence_length=16)
+    assert np.abs(pipe(generator=g(), **kw).images - again(generator=g(), **kw).images).max() < 1e-5
