@@ -200,17 +200,17 @@ def _checkpoint_keys(path: Path) -> list[str]:
 def _load_single_file(path: Path, torch_dtype, config):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from dcustom.single_file.dit_load import dit_family_of_keys, load_dit_single_file
+
     keys = _checkpoint_keys(path)
-    dit = next((name for marks, name in (
-        (("double_blocks.", "model.diffusion_model.double_blocks."), "FLUX.1"),
-        (("joint_blocks.", "model.diffusion_model.joint_blocks."), "SD3/3.5")) if any(k.startswith(marks) for k in keys)), None)
-    if dit is not None:  # diffusers reads these, but dcustom has no offline config/test path for them yet
-        raise DcustomError(f"checkpoint {str(path)!r} is a {dit} single file, which dcustom does not load yet; accepted "
-                           f"for {dit}: a diffusers folder or hub id (its model_index.json and transformer/ folder).")
+    dit = dit_family_of_keys(keys)
+    if dit is not None:  # SD3/3.5 or FLUX.1: offline, configs from config=, the tiny family or the local HF cache
+        return load_dit_single_file(path, dit, config, torch_dtype)
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise DcustomError(
-            f"checkpoint {str(path)!r} has no UNet weights (no 'model.diffusion_model.*' keys); accepted: a full "
-            "SD1.x/2.x/SDXL checkpoint. For a LoRA file use load_adapter instead."
+            f"checkpoint {str(path)!r} has no UNet weights (no 'model.diffusion_model.*' keys) and no SD3/FLUX "
+            "transformer ('joint_blocks.*', 'double_blocks.*'); accepted: a full SD1.x/2.x/SDXL, SD3/3.5 or FLUX.1 "
+            "checkpoint. For a LoRA file use load_adapter instead."
         )
     is_xl = any(k.startswith("conditioner.embedders.1.") for k in keys)
     cls = StableDiffusionXLPipeline if is_xl else StableDiffusionPipeline
@@ -232,7 +232,7 @@ def _load_single_file(path: Path, torch_dtype, config):
         if kwargs.get("local_files_only") and config is None:
             raise DcustomError(
                 f"checkpoint {str(path)!r} needs its architecture configs, which are not cached and the hub "
-                "cannot be reached; pass config=<a local diffusers folder of the same family> (--config-dir)."
+                "cannot be reached; pass config=<a local diffusers folder of the same family> (generate: --model-config)."
             ) from None
         raise DcustomError(f"checkpoint {str(path)!r} could not be loaded as {cls.__name__}: {exc}") from None
     if not is_xl and "safety_checker" in pipe.components:

@@ -59,11 +59,13 @@ def test_ddpm_sampler_refused_on_flow_models(tmp_path):
         generate(GenerateConfig(model="tiny:flux", scheduler="ddim", steps=2, output_dir=str(tmp_path)))
 
 
-def test_dit_single_file_is_refused_in_one_sentence(tmp_path):
+def test_dit_single_file_without_configs_is_refused_in_one_sentence(tmp_path):
+    """A FLUX.1 file that is not tiny:flux's, with no config= and nothing cached: one sentence on what to pass
+    (loading, layout and the other refusals: tests/test_dit_single_file.py)."""
     from safetensors.torch import save_file
 
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 1)}, str(tmp_path / "flux1-dev.safetensors"))
-    with pytest.raises(DcustomError, match="is a FLUX.1 single file, which dcustom does not load yet"):
+    with pytest.raises(DcustomError, match="is a FLUX.1 single file whose architecture configs are not available offline"):
         load_pipeline(str(tmp_path / "flux1-dev.safetensors"))
 
 

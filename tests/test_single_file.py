@@ -136,8 +136,8 @@ def test_single_file_export_refuses_other_pipelines(tmp_path):
                                          up_block_types=("UpBlock2D", "UpBlock2D")), scheduler=DDPMScheduler())
     with pytest.raises(DcustomError) as err:
         save_single_file(pipe, tmp_path / "x.safetensors")
-    assert str(err.value) == ("single-file export supports SD1.x, SD2.x and SDXL pipelines; this one is a DDPMPipeline: "
-                              "save it as a diffusers folder with pipe.save_pretrained instead.")
+    assert str(err.value) == ("single-file export supports SD1.x, SD2.x, SDXL, SD3/3.5 and FLUX.1 pipelines; this one is "
+                              "a DDPMPipeline: save it as a diffusers folder with pipe.save_pretrained instead.")
     assert list(tmp_path.iterdir()) == []
 
 
