@@ -184,3 +184,29 @@ def test_foreign_files_and_unwritable_pipelines_are_refused(tmp_path):
     # tiny:sd3 as built has a random CLIP-L projection, which SD3's layout cannot hold
     with pytest.raises(DcustomError, match="CLIP-L has a text projection, which SD3's original layout does not apply"):
         single_file_state(load_pipeline("tiny:sd3"))
+
+
+def test_adapters_merge_writes_a_flux_single_file(cli, tmp_path):
+    """`adapters merge -o x.safetensors` on FLUX: the LoRA baked in, the file loads back and draws as the LoRA does."""
+    from peft import LoraConfig
+
+    from dcustom.adapters.files import dcustom_metadata, save_diffusers_lora
+    from dcustom.adapters.load import load_adapter
+
+    pipe = load_pipeline("tiny:flux", device="cpu")
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "proj_mlp"]))
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    src = save_diffusers_lora(tmp_path, pipe, [], dcustom_metadata("flow_lora", "tiny:flux", "flux", None, "x"))
+    code, out, err = cli("adapters", "merge", "--model", "tiny:flux", "--adapter", src, "-o", tmp_path / "merged.safetensors")
+    assert code == 0, err
+    with_lora = load_pipeline("tiny:flux", device="cpu")
+    load_adapter(with_lora, src)
+    merged = load_pipeline(str(tmp_path / "merged.safetensors"), device="cpu")
+    error = np.abs(_image(merged) - _image(with_lora)).max()
+    print(f"merged single file vs LoRA applied: max |Δpixel| {error:.1e}")
+    assert error < 1e-4
+    assert np.abs(_image(merged) - _image(load_pipeline("tiny:flux", device="cpu"))).max() > 1e-3  # the LoRA is in it
