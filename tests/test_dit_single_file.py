@@ -210,3 +210,28 @@ def test_adapters_merge_writes_a_flux_single_file(cli, tmp_path):
     print(f"merged single file vs LoRA applied: max |Δpixel| {error:.1e}")
     assert error < 1e-4
     assert np.abs(_image(merged) - _image(load_pipeline("tiny:flux", device="cpu"))).max() > 1e-3  # the LoRA is in it
+
+
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_released_size_architectures_map_both_ways_on_meta(kind):
+    """FLUX.1-dev's transformer and SD3.5-medium's (dual attention in 13 blocks, RMS q/k norms), on the meta device
+    (no memory; a small position table, whose size is no key): diffusers' converters take our names back to every
+    diffusers key with its shape."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    with init_empty_weights():
+        if kind == "flux":
+            model, read = FluxTransformer2DModel(guidance_embeds=True), sfu.convert_flux_transformer_checkpoint_to_diffusers
+        else:
+            model = SD3Transformer2DModel(sample_size=128, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                                          joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+                                          out_channels=16, pos_embed_max_size=32, dual_attention_layers=tuple(range(13)),
+                                          qk_norm="rms_norm")
+            read = sfu.convert_sd3_transformer_checkpoint_to_diffusers
+    state = model.state_dict()
+    ours = transformer_to_original(state, kind)
+    assert len(ours) == {"flux": 780, "sd3": 665}[kind]
+    back = read(dict(ours))
+    assert set(back) == set(state) and all(back[k].shape == state[k].shape for k in state)
