@@ -426,7 +426,7 @@ CLI_CASES = [
     (("train", "lora", "--no-such-flag"), "No such option: --no-such-flag"),
     (("train", "lora", "--set", "rank"), "override 'rank' must look like key=value or a.b=value."),
     (("train", "lora", "--set", "train.speed=2"), "override 'train.speed=2': unknown key 'train.speed'; allowed keys here: "),
-    (("train", "nope"), "train method 'nope' is not known; accepted: erasure, lora, oft, boft, textual_inversion, reward."),
+    (("train", "nope"), "train method 'nope' is not known; accepted: erasure, lora, oft, boft, flow_lora, textual_inversion, reward."),
     (("generate", "--count", "0"), "override count=0: count must be at least 1, got 0."),
     (("generate", "--steps", "many"), "Invalid value for '--steps'"),
     (("generate", "--width", "50"), "override width=50: width must be a positive multiple of 8, got 50."),
