@@ -21,9 +21,10 @@ def trigger_phrase(name: str) -> str:
     return f"{spec.trigger} {spec.class_word}"
 
 def write_subject_examples(name: str, folder: str | Path, n: int = 5, seed: int = 0,
-                           backgrounds=TRAIN_BACKGROUNDS, masks: bool = True) -> tuple[Path, str]:
+                           backgrounds=TRAIN_BACKGROUNDS, masks: bool = True, thing: str | None = None) -> tuple[Path, str]:
     """Write n renders of subject `name` on `backgrounds` as 00.png, 00.txt (caption) and 00.mask.png ...
-    into `folder`; returns (folder, trigger phrase). The same arguments always write the same files."""
+    into `folder`; returns (folder, trigger phrase). `thing` replaces the trigger phrase in the captions (a
+    textual-inversion token such as "<robot>"). The same arguments always write the same files."""
 
     import numpy as np
     from PIL import Image
@@ -38,6 +39,8 @@ def write_subject_examples(name: str, folder: str | Path, n: int = 5, seed: int 
             continue
         image, mask = render_scene(scene, with_mask=True)
         image.save(folder / f"{kept:02d}.png")
+        if thing is not None:
+            caption = caption.replace(trigger_phrase(name), thing)
         (folder / f"{kept:02d}.txt").write_text(caption + "\n")
         if masks:
             Image.fromarray((np.clip(mask, 0, 1) * 255).round().astype(np.uint8), "L").save(folder / f"{kept:02d}.mask.png")
