@@ -217,3 +217,30 @@ def test_inspect_says_which_tools_each_file_is_for(cli, runs, tmp_path):
     assert "use_with           ComfyUI/Forge, A1111, InvokeAI (exact weight differences)" in out
     with pytest.raises(DcustomError, match="holds full weight differences .* load the run's peft folder"):
         with_adapter(tmp_path / "full.safetensors")  # tests/test_interop_oft.py applies it as the tools do
+
+
+def test_lora_beyond_attention_loads_every_layer(tmp_path):
+    """A LoRA on attention, feed-forward, proj_in/out and resnet convs: diffusers renames only the attention keys
+    and reads a file's form from its first key, so a mixed file loaded without its attention layers. Every
+    trained tensor must come back from both the diffusers and the kohya file."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    images = write_noise_images(tmp_path / "imgs", [(32, 32)] * 2, seed=2)
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2"]
+    cfg = LoraTrainConfig(model="tiny:sd15", data=DataConfig(images=str(images), instance_prompt=PROMPT, resolution=32),
+                          train=LoopConfig(output_dir=str(tmp_path / "run"), steps=2, lr=2e-2, device="cpu",
+                                           checkpoint_every=0), rank=4, alpha=8.0, target_modules=targets,
+                          init="gaussian", validation_prompts=[], sample_steps=2)
+    run = train(cfg, progress=False)
+    saved = load_file(str(run.run_dir / "pytorch_lora_weights.safetensors"))
+    assert any(".to_q." in k for k in saved) and any(".conv1." in k for k in saved)
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
+        pipe = load_pipeline("tiny:sd15", device="cpu")
+        load_adapter(pipe, run.run_dir / name)
+        loaded = get_peft_model_state_dict(pipe.unet, adapter_name=pipe.unet.active_adapters()[0])
+        assert len(loaded) == len(saved), (name, len(loaded), len(saved))
+        ups = [k for k in loaded if k.endswith("lora_B.weight")]
+        assert all(float(loaded[k].abs().max()) > 0 for k in ups), name
+    reference = with_adapter(run.run_dir / "pytorch_lora_weights.safetensors")
+    assert (with_adapter(run.run_dir / "lora_kohya.safetensors") - reference).abs().max() < 1e-5

@@ -70,7 +70,7 @@ def save_diffusers_lora(folder: Path, pipe, text_encoders: list[str], meta: dict
         kwargs = {"transformer_lora_layers": _peft_state(pipe.transformer, adapter_name),
                   "transformer_lora_adapter_metadata": portable_lora_config(pipe.transformer.peft_config[adapter_name])}
     else:
-        kwargs = {"unet_lora_layers": convert_state_dict_to_diffusers(_peft_state(pipe.unet, adapter_name)),
+        kwargs = {"unet_lora_layers": unet_lora_names(_peft_state(pipe.unet, adapter_name)),
                   "unet_lora_adapter_metadata": portable_lora_config(pipe.unet.peft_config[adapter_name])}
     for name in text_encoders:
         model = getattr(pipe, name)
@@ -82,6 +82,17 @@ def save_diffusers_lora(folder: Path, pipe, text_encoders: list[str], meta: dict
         written = Path(tmp) / DIFFUSERS_LORA_NAME
         tensors, theirs = load_file(str(written)), read_metadata(written)
     return save_tensors(tensors, Path(folder) / DIFFUSERS_LORA_NAME, {**theirs, **meta})
+
+
+def unet_lora_names(state: dict) -> dict:
+    """A UNet LoRA state under diffusers' names where every key has one (attention-only: `to_q.lora.down`), else
+    under peft's names throughout. diffusers renames only attention keys and its loader decides the file's form
+    from the first key alone, so a mixed file (e.g. `proj_in.lora_A` beside `to_q.lora.down`) silently loads
+    without the attention layers; peft's names everywhere load in full."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    converted = convert_state_dict_to_diffusers(dict(state))
+    return state if any(".lora_A." in k or ".lora_B." in k for k in converted) else converted
 
 
 # LoraConfig fields every peft diffusers supports knows (0.17 included); others are written only when not default.

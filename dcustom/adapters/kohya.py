@@ -174,7 +174,7 @@ def _with_dora_magnitudes(groups: dict, raw: dict, cls, where: str, pipe=None) -
     in ComfyUI's form and are turned back into peft magnitudes with the pipeline's base weights."""
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
-    from dcustom.adapters.files import magnitude_from_comfyui_dora_scale, magnitude_from_dora_scale
+    from dcustom.adapters.files import magnitude_from_comfyui_dora_scale, magnitude_from_dora_scale, unet_lora_names
 
     peft_groups = {c: (convert_unet_state_dict_to_peft if c == "unet" else convert_state_dict_to_peft)(dict(sd))
                    for c, sd in groups.items()}
@@ -192,7 +192,7 @@ def _with_dora_magnitudes(groups: dict, raw: dict, cls, where: str, pipe=None) -
                 magnitude = magnitude_from_comfyui_dora_scale(scale, _base_weight(pipe, component, module, where),
                                                               _kohya_delta(raw, name))
             peft_groups[component][f"{module}.lora_magnitude_vector"] = magnitude
-    return {c: convert_state_dict_to_diffusers(sd) for c, sd in peft_groups.items()}
+    return {c: unet_lora_names(sd) if c == "unet" else convert_state_dict_to_diffusers(sd) for c, sd in peft_groups.items()}
 
 
 def _base_weight(pipe, component: str, module: str, where: str):
