@@ -29,6 +29,9 @@ MAX_PIXELS = 8192 * 8192
 class PriorConfig:
     enabled: bool = opt(False, "DreamBooth prior preservation with generated class images.")
     class_prompt: str = opt("a photo of a dog", "Prompt for the class images (the subject's class, without the trigger word).")
+    class_prompts: list[str] = opt([], "Several prompts instead of class_prompt, class image i drawn from prompt i mod n: "
+                                       "what the adapter must not change beyond the class (e.g. the model's other "
+                                       "subjects), so the prior loss also holds those in place.")
     num_images: int = opt(100, "Class images generated once and cached.", ge=1)
     loss_weight: float = opt(1.0, "Weight of the prior loss.", ge=0)
     class_dir: Optional[str] = opt(None, "Folder of class images; null: a cache folder keyed by model, prompt and size.")
@@ -347,9 +350,15 @@ def class_image_dir(cfg: PriorConfig, model_spec: str, resolution: int) -> Path:
 
     if cfg.class_dir:
         return Path(cfg.class_dir)
-    key = hashlib.sha256(f"{model_spec}|{cfg.class_prompt}|{resolution}|{cfg.sample_steps}".encode()).hexdigest()[:16]
+    prompts = "|".join(cfg.class_prompts) if cfg.class_prompts else cfg.class_prompt
+    key = hashlib.sha256(f"{model_spec}|{prompts}|{resolution}|{cfg.sample_steps}".encode()).hexdigest()[:16]
     root = Path(os.environ.get("DCUSTOM_CACHE", Path.home() / ".cache" / "dcustom"))
     return root / "class_images" / key
+
+
+def class_prompt(cfg: PriorConfig, index: int) -> str:
+    """The prompt of class image `index`: class_prompts cycled, else class_prompt."""
+    return cfg.class_prompts[index % len(cfg.class_prompts)] if cfg.class_prompts else cfg.class_prompt
 
 
 def ensure_class_images(pipe, cfg: PriorConfig, model_spec: str, resolution: int, seed: int = 0) -> list[Path]:
@@ -362,7 +371,7 @@ def ensure_class_images(pipe, cfg: PriorConfig, model_spec: str, resolution: int
     for i in range(len(have), cfg.num_images):
         generator = torch.Generator(device="cpu").manual_seed(seed + i)
         with torch.no_grad():
-            image = pipe(cfg.class_prompt, num_inference_steps=cfg.sample_steps, width=resolution, height=resolution,
+            image = pipe(class_prompt(cfg, i), num_inference_steps=cfg.sample_steps, width=resolution, height=resolution,
                          generator=generator, guidance_scale=7.5).images[0]
         path = folder / f"class-{i:05d}.png"
         tmp = folder / f".class-{i:05d}.png.tmp"

@@ -166,6 +166,27 @@ def test_prior_class_images_generated_once(images, tmp_path):
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "class").glob("class-*.png"))] == stamps
 
 
+def test_prior_with_several_class_prompts(images, tmp_path):
+    """class_prompts: class image i comes from prompt i mod n, is captioned with it, and they key their own cache."""
+    from types import SimpleNamespace
+
+    from dcustom.data import class_image_dir, class_prompt
+    from dcustom.trainers.denoising import DenoisingObjective
+
+    prompts = ["a photo of a dog", "a photo of a cat on grass"]
+    prior = PriorConfig(enabled=True, class_prompts=prompts, num_images=3, sample_steps=2)
+    assert [class_prompt(prior, i) for i in range(3)] == [prompts[0], prompts[1], prompts[0]]
+    single = PriorConfig(enabled=True, class_prompt=prompts[0], num_images=3, sample_steps=2)
+    assert class_image_dir(prior, "tiny:sd15", 32) != class_image_dir(single, "tiny:sd15", 32)
+    prior.class_dir = str(tmp_path / "class")
+    cfg = make_cfg("lora", "sd15", images, tmp_path / "r", data=dict(prior=prior), train={"steps": 1})
+    train(cfg, progress=False)
+    assert len(sorted((tmp_path / "class").glob("class-*.png"))) == 3
+    objective = DenoisingObjective("tiny:sd15", cfg.data, None, 0.0, pipe=load_pipeline("tiny:sd15", device="cpu"))
+    objective.load(SimpleNamespace(device=torch.device("cpu"), weight_dtype=torch.float32, cfg=SimpleNamespace(seed=0)))
+    assert [e.caption for e in objective.prepare_class_examples()] == [prompts[0], prompts[1], prompts[0]]
+
+
 def test_bad_settings_get_clear_messages(images, tmp_path):
     with pytest.raises(DcustomError, match=r"block_size: 5 does not divide the input width 64 of UNet layer .down_blocks.1.attentions.0"):
         train(make_cfg("oft", "sd15", images, tmp_path / "x", block_size=5), progress=False)

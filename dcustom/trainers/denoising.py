@@ -25,6 +25,7 @@ from typing import Optional
 
 from dcustom.data import (
     DataConfig,
+    class_prompt,
     ensure_class_images,
     make_buckets,
     nearest_bucket,
@@ -163,7 +164,7 @@ class DenoisingObjective:
         prior = self.data.prior
         res = self.resolution
         paths = ensure_class_images(self.pipe, prior, self.model, res, seed=self.ctx.cfg.seed)
-        self.class_examples = [self._example(open_rgb(p)[0], prior.class_prompt, (res, res)) for p in paths]
+        self.class_examples = [self._example(open_rgb(p)[0], class_prompt(prior, i), (res, res)) for i, p in enumerate(paths)]
         return self.class_examples
 
     def _warn_long_captions(self, records) -> None:
