@@ -71,6 +71,7 @@ from dcustom.commands import eval as _eval_commands  # noqa: E402  (torch-free)
 
 app.add_typer(_eval_commands.app, name="eval")
 import dcustom.commands.eval_erasure  # noqa: E402,F401  (registers `dcustom eval erasure`, torch-free)
+import dcustom.commands.eval_style  # noqa: E402,F401  (registers `dcustom eval style`, torch-free)
 app.add_typer(__import__("dcustom.commands.app", fromlist=["app"]).app, name="app")  # `dcustom app`: the web UI
 app.add_typer(__import__("dcustom.commands.toyworld", fromlist=["app"]).app, name="toyworld")  # torch-free
 app.add_typer(__import__("dcustom.commands.adapters", fromlist=["app"]).app, name="adapters")  # inspect|convert|merge|extract

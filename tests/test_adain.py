@@ -52,3 +52,11 @@ def test_adain_over_any_dims():
     x, y = torch.randn(2, 5, 7), torch.randn(2, 5, 7) * 2
     out = adain(x, y, dims=(-1,))
     torch.testing.assert_close(out.std(-1, unbiased=False), y.std(-1, unbiased=False), atol=1e-5, rtol=1e-5)
+
+
+def test_mean_only_adain_moves_the_mean_and_keeps_the_contrast():
+    torch.manual_seed(1)
+    content, style = torch.randn(1, 4, 8, 8) * 0.3, torch.randn(1, 4, 8, 8) * 2.0 + 1.5
+    out = latent_adain(content, style, match_std=False)
+    torch.testing.assert_close(mean_std(out, (-2, -1))[0], mean_std(style, (-2, -1))[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mean_std(out, (-2, -1))[1], mean_std(content, (-2, -1))[1], atol=1e-5, rtol=1e-5)

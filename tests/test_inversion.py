@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from quality_gate import PENDING
 import torch
 from PIL import Image
 
@@ -114,26 +113,14 @@ def test_cache_hits_on_a_second_call_and_misses_when_a_key_changes(sd15, tmp_pat
 
 
 @pytest.mark.slow
-@PENDING
 @pytest.mark.skipif(toy_model_dir() is None,
                     reason="builtin:toy is not shipped in this install (train it with 'bash scripts/toy/train_cpu.sh'); the reconstruction PSNR check runs when it is")
 def test_toy_model_reconstruction_psnr_rises_with_steps():
-    from dcustom.pipelines.inversion import decode_latents
-    from dcustom.toyworld.render import render_samples
+    """invert -> sample against the VAE's own reconstruction of 4 renders (what `dcustom eval style` reports)."""
+    from dcustom.toyworld.style_eval import inversion_psnr
 
-    pipe = load_pipeline("builtin:toy", device="cpu")
-    images = [im for im, _, _ in render_samples(4, seed=5, split="base")]
-
-    def psnr(a, b):
-        x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return 10 * np.log10(255.0**2 / max(((x - y) ** 2).mean(), 1e-10))
-
-    scores = {}
-    for steps in (10, 25, 50):
-        values = []
-        for im in images:
-            inv = invert(pipe, im, steps=steps)
-            values.append(psnr(decode_latents(pipe, sample_from(pipe, inv.zT, steps))[0], decode_latents(pipe, inv.z0)[0]))
-        scores[steps] = float(np.mean(values))
+    scores = {int(k): v for k, v in inversion_psnr(load_pipeline("builtin:toy", device="cpu"), (10, 25, 50), 4).items()}
     print("toy DDIM round trip PSNR (dB) vs the VAE reconstruction:", scores)
     assert scores[10] < scores[25] < scores[50]
+    # measured (dcustom eval style, 1 thread): 26.9, 33.5, 39.0 dB; 1.5 dB margins
+    assert scores[10] >= 25.4 and scores[25] >= 32.0 and scores[50] >= 37.5

@@ -91,3 +91,32 @@ def test_read_image_error_names_the_file(tmp_path):
     bad.write_text("hello")
     with pytest.raises(DcustomError, match=r"style image file '.*bad.jpg' could not be read as an image"):
         read_image(bad, "style image")
+
+
+def test_eval_style_runs_end_to_end_on_one_pair(tmp_path):
+    import json
+
+    from dcustom.models import toy_model_dir
+
+    if toy_model_dir() is None:
+        pytest.skip("builtin:toy is not shipped in this install")
+    out = tmp_path / "eval"
+    r = CliRunner().invoke(app, ["eval", "style", "--pairs", "1", "--cached-pairs", "1", "--methods", "style_id,adain",
+                                 "--steps", "3", "--psnr-steps", "2,4", "--grid-contents", "1", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "style.json").read_text())
+    assert set(report["methods"]) == {"style_id", "adain"} and set(report["inversion_psnr_db"]) == {"2", "4"}
+    for m in report["methods"].values():
+        assert 0 <= m["content_kept"] <= 1 and m["style_distance_ratio"] > 0 and m["cached_equals_uncached"]
+    assert report["references"]["ideal"]["content_kept"] == 1.0
+    assert all((out / name).is_file() for name in ("style_id.png", "methods.png", "content_x_style.png"))
+
+
+def test_eval_style_errors_are_one_clear_sentence(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval", "style", "--methods", "style_id,cartoon", "-o", str(tmp_path)])
+    assert r.exit_code == 2 and "--methods 'style_id,cartoon': accepted are style_id" in r.output
+    r = runner.invoke(app, ["eval", "style", "--pairs", "2", "--cached-pairs", "3", "-o", str(tmp_path)])
+    assert r.exit_code == 2 and "--cached-pairs between 0 and --pairs" in r.output
+    r = runner.invoke(app, ["eval", "style", "--psnr-steps", "10,x", "-o", str(tmp_path)])
+    assert r.exit_code == 2 and "--psnr-steps '10,x' must be comma-separated positive integers" in r.output

@@ -42,6 +42,8 @@ class StyleTransferConfig:
     step_end: float = opt(1.0, "Stop injecting at this fraction of the sampling steps (1 = through the last).")
     mode: str = opt("replace", "'replace': attend to the style's K/V only; 'concat': attend to [own; style] K/V.")
     init_adain: bool = opt(True, "Ablation switch: give the content's inverted latent the style latent's channel mean/std.")
+    adain_at: float = opt(0.0, "When init_adain: the fraction of the sampling steps after which the latent gets the style trajectory's channel mean/std at that timestep (0 = z_T, as StyleID).")
+    adain_std: bool = opt(True, "When init_adain: match the style latent's channel std as well as its mean (off = shift the mean only: the tone moves, the content's contrast stays).")
     inject_attention: bool = opt(True, "Ablation switch: inject style K/V into self-attention (off = plain sampling from the start latent).")
     feature_source: str = opt("recorded", "'recorded': record features during inversion and replay them (two passes); 'in_batch': the references ride in the sampling batch, replayed from their inversion trajectories.")
     prompt: str = opt("", "Text prompt while sampling (StyleID uses the empty prompt).")
@@ -62,6 +64,8 @@ class StyleTransferConfig:
             raise ValueError(f"gamma must be between 0 and 1, got {self.gamma}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.adain_at < 1.0:
+            raise ValueError(f"adain_at must be at least 0 and below 1 (a fraction of the sampling steps), got {self.adain_at}")
         if not 0.0 <= self.step_start <= self.step_end <= 1.0:
             raise ValueError(f"need 0 <= step_start <= step_end <= 1, got {self.step_start} and {self.step_end}")
         if self.mode not in MODES:
@@ -128,16 +132,26 @@ def stylize(pipe, content, style, cfg, cache=None, on_step=None) -> StyleResult:
     timings["invert_style_s"] = time.perf_counter() - t0
     timings["cache_hits"] = int(inv_c.cache_hit) + int(inv_s.cache_hit)
 
-    start = latent_adain(inv_c.zT, inv_s.zT) if cfg.init_adain else inv_c.zT
     timesteps = sampling_timesteps(pipe, cfg.steps, ddim_scheduler(pipe))
+    # StyleID's initial-latent AdaIN, at z_T or (adain_at > 0) on the way down, against the style's own
+    # inversion latent at the same timestep: by then the content's layout is set (see docs/results.md).
+    adain_step = round(cfg.adain_at * cfg.steps) if cfg.init_adain else -1
+    start = latent_adain(inv_c.zT, inv_s.zT, match_std=cfg.adain_std) if adain_step == 0 else inv_c.zT
     active = steps_in_window(timesteps, cfg.step_start, cfg.step_end)
     generator = torch.Generator(device="cpu" if pipe.device.type == "mps" else pipe.device).manual_seed(cfg.seed)
     sample = dict(steps=cfg.steps, prompt=cfg.prompt, guidance=cfg.guidance, eta=cfg.eta, generator=generator)
     applied: set = set()
 
-    def plain_callback(_pipe, _i, _t, tensors):
-        tick()
+    def late_adain(i, tensors):
+        # After step i the latents are the UNet's input at timesteps[i + 1]; the target is the last row.
+        if adain_step > 0 and i + 1 == adain_step:
+            latents = tensors["latents"]
+            latents[-1:] = latent_adain(latents[-1:], inv_s.input_at(timesteps[adain_step]), match_std=cfg.adain_std)
         return tensors
+
+    def plain_callback(_pipe, i, _t, tensors):
+        tick()
+        return late_adain(i, tensors)
 
     t0 = time.perf_counter()
     if not inject:
@@ -158,7 +172,7 @@ def stylize(pipe, content, style, cfg, cache=None, on_step=None) -> StyleResult:
         def replay(_pipe, i, _t, tensors):
             # Before the next UNet call, put each reference back on its inversion trajectory.
             tick()
-            return put_back(_pipe, i, _t, tensors)
+            return late_adain(i, put_back(_pipe, i, _t, tensors))
 
         with injection(pipe, layers, InBatchSource(roles), active, gamma=cfg.gamma, temperature=cfg.temperature,
                        mode=cfg.mode) as gate:
