@@ -44,10 +44,12 @@ def test_toy_judge_scores_every_sample_step_and_keeps_the_best_adapter(images, t
     vals = [e for e in _events(result.run_dir) if e["event"] == "validation"]
     assert [v["step"] for v in vals] == [1, 2, 3]
     for v in vals:
-        assert v["judge"] == "toy" and v["subject"] == "robot" and v["images"] == 3  # sks = the robot's trigger
-        assert {"subject_train", "prompt_train", "both_train", "subject_eval", "prompt_eval", "both_eval"} <= set(v)
+        assert v["judge"] == "toy" and v["subject"] == "robot" and v["images"] == 3 + 6  # sks = the robot's trigger; + KEPT_PROMPTS
+        assert {"subject_train", "prompt_train", "both_train", "subject_eval", "prompt_eval", "both_eval", "kept_train",
+                "kept_eval"} <= set(v)
         # J_train selects by its probability of the subject where the background is right; J_eval only reports
-        assert 0.0 <= v["select"] <= v["prompt_train"] and (v["select"] > 0 or v["both_train"] == 0)
+        assert 0.0 <= v["select"] <= min(v["prompt_train"], v["kept_train"])
+        assert v["select"] > 0 or v["both_train"] == 0 or v["kept_train"] == 0
     best = json.loads((result.run_dir / "best" / "best.json").read_text())
     first_best = max(vals, key=lambda v: (v["select"], -v["step"]))  # the earliest step with the top score
     assert best["step"] == first_best["step"] == vals[-1]["best_step"]
