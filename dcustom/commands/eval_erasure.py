@@ -65,3 +65,51 @@ def erasure(
     typer.echo(f"  toy-FID erased vs base {s['preservation_toy_fid_vs_base']:.3f}   harmonic mean {fmt(s['harmonic_mean'])}   "
                f"attack success {fmt(s['attack_success_rate'])} (before the attack {fmt(report['robustness']['pre_attack_rate'])})")
     typer.echo(report["files"]["json"])
+
+
+@app.command("erasure-methods")
+def erasure_methods(
+    concept: str = typer.Option("purple", "--concept", "-c", help="Toy-world word(s) to erase, comma-separated; several "
+                                "are erased at once (one attribute) and each is judged."),
+    methods: str = typer.Option("uce,esd_x,esd_u", "--methods", help="Comma-separated: uce, esd_x, esd_u."),
+    model: str = typer.Option("builtin:toy", "--model", "-m"),
+    seeds: str = typer.Option("0,1,2,3", "--seeds", help="Comma-separated seeds, one image per prompt and seed."),
+    per_group: int = typer.Option(8, "--prompts", help="Prompts per group (efficacy, generality, neighbours, others)."),
+    preservation: int = typer.Option(16, "--preservation-prompts", help="Random prompts without the concept."),
+    attack_prompts: int = typer.Option(2, "--attack-prompts", help="Efficacy prompts the robustness probe attacks (0: none)."),
+    attack_steps: int = typer.Option(50, "--attack-steps"),
+    esd_steps: int = typer.Option(200, "--esd-steps", help="ESD training steps."),
+    output_dir: str = typer.Option("runs/eval_erasure_methods", "--output-dir", "-o",
+                                   help="Writes methods.json and, per method and concept, erasure.json and grid.png."),
+):
+    """Erase a concept from the toy model with UCE, ESD-x and ESD-u (grammar templates) and judge each with J_eval:
+    the results page's erasure table, with each method's CPU time."""
+    from dcustom.errors import DcustomError
+
+    seed_list = parse_seeds(seeds)
+    concepts, algorithms = _csv(concept), _csv(methods)
+    bad = [m for m in algorithms if m not in ("uce", "esd_x", "esd_u")]
+    if bad or not algorithms:
+        fail(f"--methods {methods!r}: accepted are uce, esd_x, esd_u (comma-separated).")
+    try:
+        from dcustom.outputs import writable_folder
+        from dcustom.trainers.erasure.evaluate import concept_head
+
+        heads = {concept_head(c)[0] for c in concepts}  # a bad word fails before any model loads
+        if len(heads) != 1:
+            fail(f"--concept {concept!r}: several concepts are erased at once only within one attribute "
+                 "(shape, colour or background).")
+        writable_folder(output_dir, "--output-dir")
+        import torch
+
+        torch.set_num_threads(1)  # the published CPU seconds are one thread's
+        from dcustom.trainers.erasure.suite import format_table, run_suite
+
+        table = run_suite(concepts, algorithms, model=model, seeds=seed_list, per_group=per_group,
+                          preservation=preservation, attack_prompts=attack_prompts, attack_steps=attack_steps,
+                          out_dir=output_dir, overrides={"train": {"steps": esd_steps}},
+                          on_stage=lambda msg: typer.echo(msg, err=True))
+    except DcustomError as exc:
+        fail(str(exc))
+    typer.echo(format_table(table))
+    typer.echo(table["file"])

@@ -75,13 +75,16 @@ def _fillers(head: str, excluded: set, n: int, rng: random.Random) -> list[dict]
     return out
 
 
-def prompt_sets(concept: str, per_group: int = 8, preservation: int = 24, neighbours=None, others=None) -> dict:
-    """The fixed prompt lists of each measurement, and the class each list names on the concept's head."""
+def prompt_sets(concept: str, per_group: int = 8, preservation: int = 24, neighbours=None, others=None,
+                exclude=()) -> dict:
+    """The fixed prompt lists of each measurement, and the class each list names on the concept's head.
+    `exclude`: classes erased together with `concept`, never asked for as kept (neighbours, others, preservation)."""
     head, cls = concept_head(concept)
     rng = random.Random(PROMPT_SEED)
-    neighbours = list(neighbours) if neighbours else [n for n in NEIGHBOURS.get(cls, ()) if n != cls]
-    others = list(others) if others else [c for c in HEAD_CLASSES[head] if c != cls and c not in neighbours]
-    fill = _fillers(head, {cls}, per_group, rng)
+    gone = {cls} | {concept_head(c)[1] for c in exclude}
+    neighbours = list(neighbours) if neighbours else [n for n in NEIGHBOURS.get(cls, ()) if n not in gone]
+    others = list(others) if others else [c for c in HEAD_CLASSES[head] if c not in gone and c not in neighbours]
+    fill = _fillers(head, gone, per_group, rng)
     synonyms = [s for s in SYNONYMS[cls] if s != cls] or [cls]
     sets = {
         "efficacy": [(_phrase(head, cls, f, 0), cls) for f in fill],
@@ -92,8 +95,8 @@ def prompt_sets(concept: str, per_group: int = 8, preservation: int = 24, neighb
                    for i, f in enumerate(fill)] if others else [],
     }
     keep = []
-    for f in _fillers(head, {cls}, preservation, rng):
-        f[head] = rng.choice([c for c in HEAD_CLASSES[head] if c != cls])
+    for f in _fillers(head, gone, preservation, rng):
+        f[head] = rng.choice([c for c in HEAD_CLASSES[head] if c not in gone])
         keep.append(_phrase(head, f[head], f, 0))
     sets["preservation"] = [(p, None) for p in keep]
     return {"head": head, "class": cls, "neighbours": neighbours, "others": others, "sets": sets}
@@ -203,8 +206,10 @@ def evaluate_erasure(base_pipe, erased_pipe, concept: str, *, seeds=(0, 1, 2, 3)
                      guidance: float = 5.0, per_group: int = 8, preservation: int = 24, neighbours=None,
                      others=None, attack_prompts: int = 2, attack_steps: int = 50, attack_lr: float = 1e-2,
                      attack_images: int = 4, judge="eval", out_dir=None, batch_size: int = 32,
-                     on_stage=None) -> dict:
-    """Judge `erased_pipe` against `base_pipe` on the concept's prompt sets (see module doc)."""
+                     on_stage=None, exclude=(), base_cache: dict | None = None) -> dict:
+    """Judge `erased_pipe` against `base_pipe` on the concept's prompt sets (see module doc).
+    `exclude`: concepts erased together with this one; `base_cache`: a dict reused across calls so the
+    base model's images of the same prompts and seeds are drawn once."""
     from dcustom.toyworld.judges import load_judge
     from dcustom.toyworld.metrics import toy_fid
 
@@ -212,7 +217,7 @@ def evaluate_erasure(base_pipe, erased_pipe, concept: str, *, seeds=(0, 1, 2, 3)
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise DcustomError("seeds: at least one seed is needed.")
-    spec = prompt_sets(concept, per_group, preservation, neighbours, others)
+    spec = prompt_sets(concept, per_group, preservation, neighbours, others, exclude)
     head, cls = spec["head"], spec["class"]
     layout, prompts, start = {}, [], 0
     for name, items in spec["sets"].items():
@@ -221,9 +226,15 @@ def evaluate_erasure(base_pipe, erased_pipe, concept: str, *, seeds=(0, 1, 2, 3)
         start += len(items) * len(seeds)
     say = on_stage or (lambda _msg: None)
     images = {}
+    key = (tuple(prompts), tuple(seeds), steps, guidance)
     for label, pipe in (("base", base_pipe), ("erased", erased_pipe)):
+        if label == "base" and base_cache is not None and key in base_cache:
+            images[label] = base_cache[key]
+            continue
         say(f"generating {len(prompts) * len(seeds)} images with the {label} model")
         images[label] = _generate(pipe, prompts, seeds, steps, guidance, batch_size)
+    if base_cache is not None:
+        base_cache[key] = images["base"]
     report = {"concept": concept, "head": head, "class": cls, "neighbours": spec["neighbours"], "others": spec["others"],
               "seeds": seeds, "steps": steps, "guidance": guidance,
               "judge": judge if isinstance(judge, str) else getattr(j, "kind", "custom"),
@@ -283,6 +294,7 @@ def summarise(report: dict) -> dict:
         "preservation_toy_fid_vs_base": report["preservation_toy_fid_vs_base"],
         "harmonic_mean": harmonic,
         "attack_success_rate": report["robustness"]["success_rate"],
+        "attack_pre_rate": report["robustness"]["pre_attack_rate"],
     }
     out["acceptance"] = {
         "efficacy": acc_e <= ACCEPTANCE["efficacy_max"],
