@@ -6,14 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from quality_gate import PENDING
-import torch
 from typer.testing import CliRunner
 
 from dcustom.cli import app
 from dcustom.models import toy_model_dir
 
-SMALL = ["sampler.steps=2", "sampler.height=32", "sampler.width=32", "train.device=cpu", "train.checkpoint_every=0",
+# configs/reward.yaml is the make-it-red task on builtin:toy; these tests put the tiny pipeline and colourfulness back.
+TINY = ["model=tiny:sd15", "reward.name=colourfulness", "reward.options={}", "prompts=[a red circle on a white background]",
+        "policy.k=1", "train.steps=100"]
+SMALL = TINY + ["sampler.steps=2", "sampler.height=32", "sampler.width=32", "train.device=cpu", "train.checkpoint_every=0",
          "eval.images_per_prompt=2", "eval.lora_scales=[0,1]"]
 
 
@@ -96,52 +97,20 @@ needs_toy = pytest.mark.skipif(TOY is None, reason="builtin:toy is not shipped i
 
 
 @pytest.mark.slow
-@PENDING
 @needs_toy
 def test_toy_make_it_red_raises_j_eval_and_keeps_unrelated_prompts(tmp_path):
-    """On builtin:toy, a J_train 'make the object red' reward must raise the same quantity under
-    J_eval, and J_eval prompt accuracy on unrelated prompts must stay >= 90 % of base."""
-    from dcustom.toyworld.judges import load_judge
-    from dcustom.trainers.reward.lora import lora_scale
+    """configs/reward.yaml (make it red on builtin:toy, DRaFT-K K=2) cut to 20 updates: J_eval's reward must rise,
+    beat best-of-N from the base model at the same number of reward calls, and J_eval prompt accuracy on
+    unrelated prompts must stay >= 90 % of base. Measured at 20 updates (1 thread, 54.5 s CPU): J_eval -4.12 -> -0.075,
+    best-of-13 -3.32, red in 12/12 images, unrelated prompts 0.972 of base."""
+    from dcustom.trainers.reward.suite import train_policy
 
-    report, _ = _train(tmp_path, "model=builtin:toy", "reward.name=toy_attribute",
-                       "reward.options={head: colour, value: red}", "prompts=[a circle on a white background,"
-                       " a square on a gray background, a star on a white background]",
-                       "policy.name=draft_k", "policy.k=2", "sampler.steps=10", "sampler.height=null",
-                       "sampler.width=null", "train.steps=30", "train.sample_every=15", "train.lr=1e-3",
-                       "eval.best_of_n=true", "eval.images_per_prompt=4")
-    evals = report["evaluations"]
-    gain_eval = evals[-1]["reward_eval"] - evals[0]["reward_eval"]
-    print("toy make-it-red:", json.dumps({"evaluations": evals, "hacking_gap": report["hacking_gap"],
-                                          "best_of_n": report["best_of_n"]}))
-    assert gain_eval > 0.2, evals
-    assert evals[-1]["reward_eval"] > report["best_of_n"]["reward_eval"], report["best_of_n"]
-    # prompt accuracy on unrelated prompts, LoRA on vs off (J_eval)
-    from dcustom.models import load_pipeline
-    from dcustom.trainers.reward.policies import NoGrad
-    from dcustom.trainers.reward.sampler import RewardSampler
-    from dcustom.toyworld.grammar import parse_caption
-
-    pipe = load_pipeline("builtin:toy", device="cpu", dtype="fp32")
-    pipe.load_lora_weights(str(tmp_path))
-    judge = load_judge("eval")
-    prompts = ["a blue triangle on a black background", "a green square on a white background",
-               "a yellow circle on a gray background", "a orange cross on a white background"]
-    sampler = RewardSampler(pipe, steps=10, guidance_scale=5.0)
-
-    def accuracy():
-        hits = total = 0
-        with torch.no_grad():
-            for seed in range(2):
-                images = sampler.rollout(sampler.encode(prompts), NoGrad(), generator=torch.Generator().manual_seed(seed)).images
-                pred = judge.predict(images)
-                for i, p in enumerate(prompts):
-                    for head, cls in parse_caption(p).items():
-                        hits += pred[head]["labels"][i] == cls
-                        total += 1
-        return hits / total
-
-    trained = accuracy()
-    with lora_scale(pipe.unet, 0.0):
-        base = accuracy()
-    assert trained >= 0.9 * base, (trained, base)
+    row = train_policy("configs/reward.yaml", "draft_k", str(tmp_path),
+                       ["train.steps=20", "train.sample_every=0", "eval.lora_scales=[]"])
+    print("toy make-it-red:", json.dumps(row, default=str))
+    assert row["j_eval_gain"] > 3.0, row
+    assert row["reward_eval_final"] > row["best_of_n"]["reward_eval"] + 1.0, row
+    assert row["best_of_n"]["reward_calls"] <= row["best_of_n"]["training_reward_calls"]  # never more calls than training
+    judged = row["judged"]
+    assert judged["target_rate_base"] <= 0.1 and judged["target_rate_tuned"] >= 0.75, judged
+    assert judged["unrelated_ratio"] >= 0.9, judged
