@@ -72,6 +72,8 @@ from dcustom.commands import eval as _eval_commands  # noqa: E402  (torch-free)
 app.add_typer(_eval_commands.app, name="eval")
 import dcustom.commands.eval_erasure  # noqa: E402,F401  (registers `dcustom eval erasure`, torch-free)
 import dcustom.commands.eval_style  # noqa: E402,F401  (registers `dcustom eval style`, torch-free)
+import dcustom.commands.eval_reward  # noqa: E402,F401  (registers `dcustom eval reward`, torch-free)
+import dcustom.commands.eval_subject  # noqa: E402,F401  (registers `dcustom eval subject`, torch-free)
 app.add_typer(__import__("dcustom.commands.app", fromlist=["app"]).app, name="app")  # `dcustom app`: the web UI
 app.add_typer(__import__("dcustom.commands.toyworld", fromlist=["app"]).app, name="toyworld")  # torch-free
 app.add_typer(__import__("dcustom.commands.adapters", fromlist=["app"]).app, name="adapters")  # inspect|convert|merge|extract
