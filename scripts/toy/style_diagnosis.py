@@ -83,7 +83,8 @@ def sweep(args, pipe, judge, data):
         from dcustom.toyworld.render import grid
 
         grid([im for d, r in zip(data[:8], images[:8]) for im in (d[0], d[3], r)], columns=6).save(args.grid)
-    yield score(name, images, data, judge, {"cpu_s_per_pair": cpu, "steps": args.steps})
+    yield score(name, images, data, judge, {"cpu_s_per_pair": cpu, "steps": args.steps,
+                                            "seeds": [args.content_seed, args.style_seed]})
 
 
 def main():
@@ -94,6 +95,8 @@ def main():
     parser.add_argument("--pairs", type=int, default=50)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--grid", default="")
+    parser.add_argument("--content-seed", type=int, default=7, help="another seed = pairs the settings were not chosen on")
+    parser.add_argument("--style-seed", type=int, default=11)
     parser.add_argument("--out", default="/work/runs/issue17_style/diagnosis.jsonl")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -103,7 +106,7 @@ def main():
 
     pipe = load_pipeline("builtin:toy", device="cpu", dtype="fp32")
     judge = load_judge("eval")
-    data = style_pairs(50)[: args.pairs]
+    data = style_pairs(max(50, args.pairs), args.content_seed, args.style_seed)[: args.pairs]
     for row in {"oracle": oracle, "sweep": sweep}[args.what](args, pipe, judge, data):
         print(json.dumps(row), flush=True)
         with open(args.out, "a") as f:
