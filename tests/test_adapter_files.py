@@ -244,3 +244,31 @@ def test_lora_beyond_attention_loads_every_layer(tmp_path):
         assert all(float(loaded[k].abs().max()) > 0 for k in ups), name
     reference = with_adapter(run.run_dir / "pytorch_lora_weights.safetensors")
     assert (with_adapter(run.run_dir / "lora_kohya.safetensors") - reference).abs().max() < 1e-5
+
+
+def test_boft_on_convs_extracts_a_conv_lora_and_oft_refuses_them(tmp_path):
+    """BOFT on resnet convs: the extracted kohya LoRA holds conv factors (LoCon form, down [r, in, kh, kw], up
+    [out, r, 1, 1]) and, at full rank, draws as the BOFT adapter does. OFT on a conv is refused before training:
+    peft merges OFT convolutions differently from how it runs them, so its exports would not draw as trained."""
+    from safetensors.torch import load_file
+
+    from dcustom.errors import DcustomError
+    from dcustom.trainers.adapter.config import BoftTrainConfig
+
+    images = write_noise_images(tmp_path / "imgs", [(32, 32)] * 2, seed=3)
+    data = DataConfig(images=str(images), instance_prompt=PROMPT, resolution=32)
+    loop = dict(steps=2, lr=5e-2, device="cpu", checkpoint_every=0)
+    cfg = BoftTrainConfig(model="tiny:sd15", data=data, train=LoopConfig(output_dir=str(tmp_path / "run"), **loop),
+                          target_modules=["conv1", "conv2"], block_size=4, butterfly_factor=2, extract_rank=64,
+                          validation_prompts=[], sample_steps=2)
+    run = train(cfg, progress=False)
+    extracted = load_file(str(run.run_dir / "lora_extracted_kohya.safetensors"))
+    downs = {k: v for k, v in extracted.items() if k.endswith("conv1.lora_down.weight")}
+    assert downs and all(v.dim() == 4 and v.shape[0] == 64 for v in downs.values())
+    reference = with_adapter(run.run_dir)
+    assert (with_adapter(run.run_dir / "lora_extracted_kohya.safetensors") - reference).abs().max() < 1e-3
+    assert (reference - render(load_pipeline("tiny:sd15", device="cpu"))).abs().max() > 1e-3
+    oft = OftTrainConfig(model="tiny:sd15", data=data, train=LoopConfig(output_dir=str(tmp_path / "oft"), **loop),
+                         target_modules=["to_q", "conv1"], block_size=8, validation_prompts=[], sample_steps=2)
+    with pytest.raises(DcustomError, match=r"target_modules: OFT on the convolution '.*conv1' is not supported"):
+        train(oft, progress=False)

@@ -330,13 +330,16 @@ def _is_adapter_key(key: str) -> bool:
 def svd_lora_from_merged(merged: dict, rank: int) -> tuple[dict, dict]:
     """LoRA factors (peft-style module names) of merged - base per module, by truncated SVD.
 
-    Returns ({module: (down [r, in], up [out, r])}, {module: relative Frobenius error of the delta}).
+    Returns ({module: (down [r, in], up [out, r])}, {module: relative Frobenius error of the delta}). A conv
+    weight [out, in, kh, kw] is factored as the matrix [out, in*kh*kw] and comes back in kohya's conv LoRA form
+    (LoCon): down [r, in, kh, kw], up [out, r, 1, 1].
     """
     import torch
 
     factors, errors = {}, {}
     for name, (base, weight) in merged.items():
-        delta = (weight - base).float()
+        full = (weight - base).float()
+        delta = full.reshape(full.shape[0], -1)
         U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
         r = min(rank, S.numel())
         up = torch.zeros(delta.shape[0], rank)
@@ -348,6 +351,8 @@ def svd_lora_from_merged(merged: dict, rank: int) -> tuple[dict, dict]:
         approx = up @ down
         denom = delta.norm().item()
         errors[name] = (delta - approx).norm().item() / denom if denom > 0 else 0.0
+        if full.dim() == 4:
+            down, up = down.reshape(rank, *full.shape[1:]), up.reshape(*up.shape, 1, 1)
         factors[name] = (down.contiguous(), up.contiguous())
     return factors, errors
 
@@ -393,7 +398,7 @@ def save_extracted_lora(folder: Path, unet, rank: int, meta: dict, adapter_name:
     for module, (down, up) in factors.items():
         base, weight = merged[module]
         delta = (weight - base).float()
-        num += ((delta - up @ down).norm() ** 2).item()
+        num += ((delta.reshape(delta.shape[0], -1) - up.flatten(1) @ down.flatten(1)).norm() ** 2).item()
         den += (delta.norm() ** 2).item()
         key = kohya_module_name("lora_unet", module)
         tensors[f"{key}.lora_down.weight"] = down

@@ -71,17 +71,29 @@ def boft_config(block_size: int, butterfly_factor: int, target_modules, dropout:
 
 
 def check_targets(unet, target_modules, block_size: Optional[int] = None, what: str = "UNet",
-                  examples: str = "to_q, to_k, to_v, to_out.0, proj_in, ff.net.2") -> None:
-    """Before injection: every target names a layer of `unet` (a UNet, or the `what` model), and (OFT/BOFT)
-    `block_size` divides each targeted Linear layer's input width; else one sentence."""
+                  examples: str = "to_q, to_k, to_v, to_out.0, proj_in, ff.net.2", linear_only: bool = False) -> None:
+    """Before injection: every target names a layer of `unet` (a UNet, or the `what` model), (OFT/BOFT)
+    `block_size` divides each targeted Linear layer's input width, and (`linear_only`) no target is a
+    convolution; else one sentence."""
     names = {n.rsplit(".", 1)[-1] if "." in n else n for n, _ in unet.named_modules()}
     full = {n for n, _ in unet.named_modules()}
     for t in target_modules:
         if t not in names and not any(n.endswith("." + t) for n in full):
             raise DcustomError(f"target_modules: {t!r} matches no {what} layer; accepted e.g. {examples}.")
+    import torch
+
+    if linear_only:
+        # peft's OFT runs a Conv2d with one rotation and merges it with another (measured on peft 0.21: the
+        # merged conv's output differs by as much as the output itself), so every merged, extracted or
+        # full-diff file would draw something else than the trained adapter.
+        conv = next((n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)
+                     and any(n == t or n.endswith("." + t) for t in target_modules)), None)
+        if conv is not None:
+            raise DcustomError(f"target_modules: OFT on the convolution {conv!r} is not supported (peft merges OFT "
+                               "convolutions differently from how it trains them); accepted: Linear layers such as "
+                               "to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2, or BOFT/LoRA for convolutions.")
     if block_size is None:
         return
-    import torch
 
     for n, m in unet.named_modules():
         if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in target_modules):

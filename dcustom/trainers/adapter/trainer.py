@@ -65,7 +65,8 @@ class AdapterMethod(SubjectMethod):
 
             check_peft_supports_transformers()
         pipe = self.objective.load(ctx)
-        check_targets(pipe.unet, cfg.target_modules, cfg.block_size if cfg.method in ("oft", "boft") else None)
+        check_targets(pipe.unet, cfg.target_modules, cfg.block_size if cfg.method in ("oft", "boft") else None,
+                      linear_only=cfg.method == "oft")
         if cfg.method == "boft":
             from dcustom.adapters.boft_kernel import ensure_boft_kernel
 
