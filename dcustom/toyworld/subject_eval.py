@@ -25,8 +25,11 @@ from dcustom.errors import DcustomError
 
 SUBJECT_METHODS = ("lora", "oft", "boft", "textual_inversion", "pivotal")
 EVAL_STEPS, EVAL_GUIDANCE = 30, 7.5  # the generate command's defaults: what a user gets
-# Pivotal tuning (Kumari et al. 2023 / the diffusers advanced script): vectors first, then vectors + LoRA.
-PIVOTAL_OVERRIDES = ("adapter=lora", "embedding_fraction=0.5")
+# Pivotal tuning (Kumari et al. 2023 / the diffusers advanced script): vectors first, then vectors + LoRA. The
+# LoRA half takes configs/lora.yaml's adapter settings (layers, rank, alpha, rate), the vectors keep their rate.
+PIVOTAL_OVERRIDES = ("adapter=lora", "embedding_fraction=0.5", "embedding_lr=5.0e-3", "train.lr=1.0e-3",
+                     "adapter_options.target_modules=[to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out,"
+                     "conv1,conv2]", "lora.rank=32", "lora.alpha=64.0")
 
 
 def subject_prompts(thing: str, backgrounds) -> list[str]:

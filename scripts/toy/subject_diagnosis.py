@@ -63,7 +63,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=("vae", "train"))
     ap.add_argument("--subject", default="robot")
-    ap.add_argument("--mode", choices=("full", "lora"), default="full")
+    ap.add_argument("--mode", choices=("full", "lora", "partial"), default="full")
+    ap.add_argument("--train-params", default="attn", help="partial: regex over UNet parameter names trained fully")
+    ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", default="200,400,800")
@@ -109,10 +111,15 @@ def main():
             unet = pipe.unet
             if a.mode == "full":
                 unet.requires_grad_(True)
+            elif a.mode == "partial":  # which part of the UNet must move? train only the matching tensors, fully
+                import re
+
+                for name, p in unet.named_parameters():
+                    p.requires_grad_(re.search(a.train_params, name) is not None)
             else:
                 from peft import LoraConfig
 
-                unet.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, target_modules=a.targets.split(","),
+                unet.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.alpha or a.rank, target_modules=a.targets.split(","),
                                             init_lora_weights="gaussian"))
             params = [p for p in unet.parameters() if p.requires_grad]
             obj.prepare_examples()
@@ -136,7 +143,9 @@ def main():
                 figures = judge_subject(pipe, judge, a.subject, phrase)
                 images = figures["seen"].pop("images") + figures["unseen"].pop("images")
                 rows.append({"what": "train", "name": a.name, "subject": a.subject, "mode": a.mode, "lr": a.lr,
-                             "rank": a.rank if a.mode == "lora" else None, "images": a.images,
+                             "rank": a.rank if a.mode == "lora" else None,
+                             "alpha": a.alpha, "train_params": a.train_params if a.mode == "partial" else None,
+                             "trained": sum(p.numel() for p in params), "images": a.images,
                              "masks": not a.no_masks, "outside": a.outside, "batch": a.batch, "step": step,
                              "loss": round(avg, 4), "train_seconds": round(train_s, 1), **figures})
                 print(json.dumps(rows[-1]), flush=True)
