@@ -26,10 +26,17 @@ from dcustom.errors import DcustomError
 SUBJECT_METHODS = ("lora", "oft", "boft", "textual_inversion", "pivotal")
 EVAL_STEPS, EVAL_GUIDANCE = 30, 7.5  # the generate command's defaults: what a user gets
 # Pivotal tuning (Kumari et al. 2023 / the diffusers advanced script): vectors first, then vectors + LoRA. The
-# LoRA half takes configs/lora.yaml's adapter settings (layers, rank, alpha, rate), the vectors keep their rate.
-PIVOTAL_OVERRIDES = ("adapter=lora", "embedding_fraction=0.5", "embedding_lr=5.0e-3", "train.lr=1.0e-3",
-                     "adapter_options.target_modules=[to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out,"
-                     "conv1,conv2]", "lora.rank=32", "lora.alpha=64.0")
+# vectors keep textual inversion's rate; the LoRA half takes configs/lora.yaml's layers, rank, alpha and rate.
+PIVOTAL_OVERRIDES = ("adapter=lora", "embedding_fraction=0.5", "embedding_lr=5.0e-3")
+
+
+def pivotal_lora_overrides(config_dir: Path) -> list[str]:
+    """configs/lora.yaml's adapter settings as overrides of the textual-inversion config."""
+    from dcustom.config import read_yaml
+
+    lora = read_yaml(Path(config_dir) / "lora.yaml")
+    return [f"adapter_options.target_modules=[{','.join(lora['target_modules'])}]", f"lora.rank={lora['rank']}",
+            f"lora.alpha={lora['alpha']}", f"train.lr={lora['train']['lr']}"]
 
 
 def subject_prompts(thing: str, backgrounds) -> list[str]:
@@ -72,7 +79,7 @@ def method_config(method: str, config_dir: Path, examples: Path, subject: str, r
         token, class_word = f"<{subject}>", phrase.split()[1]
         extra = [f"tokens=[{token}]", f"init_words=[{class_word}]", "prompts=captions",
                  f"validation_prompts=[a {token} on a black background]"]
-        extra += list(PIVOTAL_OVERRIDES) if method == "pivotal" else []
+        extra += list(PIVOTAL_OVERRIDES) + pivotal_lora_overrides(config_dir) if method == "pivotal" else []
         thing = token
     else:
         extra = [f"data.instance_prompt=a photo of a {phrase}", f"validation_prompts=[a {phrase} on a black background]",

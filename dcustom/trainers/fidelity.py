@@ -126,11 +126,10 @@ class ToyJudge:
             scores[f"both_{kind}"] = sum(s and b for s, b in zip(subj, bg)) / len(images)
             if kind == "train":
                 p_subject = preds["subject"]["probs"][:, HEADS["subject"].index(self.subject)].tolist()
-                # J_train's probability, not its label: the two judges disagree on the soft subjects a few
-                # hundred steps draw (measured on a robot LoRA: J_eval 11/12 robots, J_train 0/12 with p 0-0.28),
-                # and all-zero labels would tie every step and keep the first.
-                # times the share of KEPT_PROMPTS J_train still finds right: the step that draws the subject
-                # without redrawing the rest (measured: LoRA steps with the most robots kept 70 % of other prompts)
+                # J_train's probability, not its label: the judges disagree on the soft subjects a few hundred
+                # steps draw (robot LoRA: J_eval 11/12 robots, J_train 0/12 with p 0-0.28), so labels tie every
+                # step at 0. Times the share of KEPT_PROMPTS still right, so the step that draws the subject
+                # without redrawing the rest wins (the steps with the most robots kept 70 % of other prompts).
                 subject_score = sum(p for p, b in zip(p_subject, bg) if b) / len(images)
                 scores["select"] = subject_score * scores["kept_train"]
         return scores

@@ -70,6 +70,11 @@ def boft_config(block_size: int, butterfly_factor: int, target_modules, dropout:
                       target_modules=list(target_modules), boft_dropout=dropout, bias="none")
 
 
+def _targeted(name: str, target_modules) -> bool:
+    """Whether peft's suffix matching wraps the module `name`."""
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
 def check_targets(unet, target_modules, block_size: Optional[int] = None, what: str = "UNet",
                   examples: str = "to_q, to_k, to_v, to_out.0, proj_in, ff.net.2", linear_only: bool = False) -> None:
     """Before injection: every target names a layer of `unet` (a UNet, or the `what` model), (OFT/BOFT)
@@ -86,8 +91,8 @@ def check_targets(unet, target_modules, block_size: Optional[int] = None, what: 
         # peft's OFT runs a Conv2d with one rotation and merges it with another (measured on peft 0.21: the
         # merged conv's output differs by as much as the output itself), so every merged, extracted or
         # full-diff file would draw something else than the trained adapter.
-        conv = next((n for n, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)
-                     and any(n == t or n.endswith("." + t) for t in target_modules)), None)
+        conv = next((n for n, m in unet.named_modules()
+                     if isinstance(m, torch.nn.Conv2d) and _targeted(n, target_modules)), None)
         if conv is not None:
             raise DcustomError(f"target_modules: OFT on the convolution {conv!r} is not supported (peft merges OFT "
                                "convolutions differently from how it trains them); accepted: Linear layers such as "
@@ -96,7 +101,7 @@ def check_targets(unet, target_modules, block_size: Optional[int] = None, what: 
         return
 
     for n, m in unet.named_modules():
-        if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in target_modules):
+        if isinstance(m, torch.nn.Linear) and _targeted(n, target_modules):
             if m.in_features % block_size:
                 raise DcustomError(f"block_size: {block_size} does not divide the input width {m.in_features} of "
                                    f"UNet layer {n!r}; accepted: a divisor of every targeted layer's width.")
