@@ -39,7 +39,8 @@ class UceConfig:
 
 @dataclass
 class EsdConfig:
-    negative_guidance: float = opt(1.0, "η: the target is ε(x,∅) − η·(ε(x,c) − ε(x,∅)) from the frozen model.")
+    negative_guidance: float = opt(1.0, "η: the target is ε(x,r) − η·(ε(x,c) − ε(x,r)) from the frozen model, r the "
+                                        "template with the concept replaced by its anchor.")
     start_guidance: float = opt(3.0, "CFG scale of the frozen model's partial sampling that produces x_t.")
     ddim_steps: int = opt(50, "DDIM steps of that sampling; x_t stops at a uniformly drawn step.")
     train_mode: Literal["lora", "weights"] = opt(
@@ -60,8 +61,9 @@ class ErasureTrainConfig:
         "uce", "uce (closed form, seconds), esd_x (ESD on cross-attention) or esd_u (ESD on the rest).")
     model: str = opt("builtin:toy", "Base model: builtin:toy, tiny:sd15|sd2|sdxl, a diffusers folder, a checkpoint file or a hub id.")
     erase: list[str] = opt(["purple"], "Concepts to erase (words or short phrases); several in one run.")
-    anchors: list[str] = opt([""], "What each erased concept becomes: one per concept, or one for all ('' = nothing; "
-                              "for ESD a non-empty anchor replaces ∅ in the target).")
+    anchors: list[str] = opt([""], "What each erased concept becomes: one per concept, or one for all ('' = nothing). "
+                              "ESD guides away from the concept towards each template with the concept replaced by its "
+                              "anchor ('' drops the word; ∅ when nothing is left).")
     preserve: list[str] = opt(["red", "green", "blue", "yellow", "orange"],
                               "Concepts that must stay as they are (UCE keeps their keys/values; ESD ignores this list).")
     templates: list[str] = opt(["{}", "a {}", "a picture of a {}", "a {} on a white background"],

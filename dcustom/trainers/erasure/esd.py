@@ -9,6 +9,13 @@ regressed onto
 from the frozen model ε*. The target is affine in ε with coefficients summing to one, so the same
 formula holds for v-prediction outputs; it is applied to the UNet's raw output.
 
+The reference ∅ is the concept's own prompt with the concept replaced by its anchor ('' drops the word),
+and the unconditional embedding only when nothing is left. The paper trains on the concept alone
+("Van Gogh"), where both readings agree. On prompts that name the concept beside other things ("a purple
+star on a grass background") the empty reference negates the whole prompt: the concept's share of the
+gradient vanishes and ESD erased no purple on builtin:toy (100 % survived), while the template reference
+negates the concept's direction only (docs/results.md, Concept erasure).
+
 ESD-x trains cross-attention (``esd_x``), ESD-u everything else (``esd_u``); either as a LoRA on
 those layers (the frozen model is the same UNet with the adapter disabled) or on the weights
 themselves (against a frozen copy). It runs in the shared loop `dcustom.trainers.loop`.
@@ -30,8 +37,13 @@ from dcustom.trainers.loop import TrainingMethod
 ADAPTER_NAME = "erasure"
 
 
+def reference_prompt(template: str, anchor: str) -> str:
+    """The template with the concept replaced by its anchor, spaces tidied ('' when nothing is left)."""
+    return " ".join(template.format(anchor).split())
+
+
 def esd_target(eps_base: torch.Tensor, eps_concept: torch.Tensor, eta: float) -> torch.Tensor:
-    """ε(x,∅) − η(ε(x,c) − ε(x,∅)): the frozen model guided *away* from the concept."""
+    """ε(x,r) − η(ε(x,c) − ε(x,r)): the frozen model guided *away* from the concept, towards the reference r."""
     return eps_base - eta * (eps_concept - eps_base)
 
 
@@ -73,10 +85,11 @@ class EsdMethod(TrainingMethod):
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         anchors = [cfg.anchor_for(i) for i in range(len(cfg.erase))]
         prompts = [t.format(c) for c in cfg.erase for t in cfg.templates]
+        references = [reference_prompt(t, a) for a in anchors for t in cfg.templates]
         self.concept_conds = encode(pipe, prompts)
-        self.base_conds = encode(pipe, [t.format(a) for a in anchors for t in cfg.templates])
+        self.base_conds = encode(pipe, [r or "" for r in references])
         self.null = unconditional(pipe, 1)
-        self.anchor_is_null = [not a.strip() for a in anchors]
+        self.reference_is_null = [not r for r in references]
         self.started = time.perf_counter()
         return [(ci, ti) for ci in range(len(cfg.erase)) for ti in range(len(cfg.templates))]
 
@@ -154,7 +167,7 @@ class EsdMethod(TrainingMethod):
     def _loss(self, concept_index: int, template_index: int) -> torch.Tensor:
         k = concept_index * len(self.cfg.templates) + template_index
         concept = self._cond(self.concept_conds, k)
-        base = self.null if self.anchor_is_null[concept_index] else self._cond(self.base_conds, k)
+        base = self.null if self.reference_is_null[k] else self._cond(self.base_conds, k)
         stop = int(torch.randint(0, self.cfg.esd.ddim_steps, (1,)))
         with self.frozen() as ref:
             x_t, t = self.partial_sample(ref, concept, stop)
