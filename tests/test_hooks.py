@@ -180,8 +180,9 @@ def test_hooks_work_with_a_loaded_lora(pipe):
         pipe.unet.delete_adapters("test_lora")
 
 
-def einsum_reference(attn, hidden, q_content, k_ref, v_ref, gamma, temperature, concat):
-    """Ten lines of plain attention: the processor must agree with this."""
+def einsum_reference(attn, hidden, q_content, k_ref, v_ref, gamma, temperature, concat, reference_weight=1.0):
+    """Ten lines of plain attention: the processor must agree with this. A reference weight w multiplies
+    each reference token's unnormalised attention weight exp(logit)."""
     b, n, _ = hidden.shape
     h = attn.heads
     q = gamma * q_content + (1 - gamma) * attn.to_q(hidden)
@@ -189,13 +190,16 @@ def einsum_reference(attn, hidden, q_content, k_ref, v_ref, gamma, temperature, 
     if concat:
         k, v = torch.cat([attn.to_k(hidden), k], 1), torch.cat([attn.to_v(hidden), v], 1)
     q, k, v = (x.reshape(b, x.shape[1], h, -1).permute(0, 2, 1, 3) for x in (q, k, v))
-    logits = torch.einsum("bhid,bhjd->bhij", q, k) * temperature / q.shape[-1] ** 0.5
-    out = torch.einsum("bhij,bhjd->bhid", logits.softmax(-1), v).permute(0, 2, 1, 3).reshape(b, n, -1)
+    weights = (torch.einsum("bhid,bhjd->bhij", q, k) * temperature / q.shape[-1] ** 0.5).exp()
+    if concat:
+        weights[..., n:] *= reference_weight
+    weights = weights / weights.sum(-1, keepdim=True)
+    out = torch.einsum("bhij,bhjd->bhid", weights, v).permute(0, 2, 1, 3).reshape(b, n, -1)
     return attn.to_out[0](out)
 
 
-@pytest.mark.parametrize("concat", [False, True])
-def test_processor_agrees_with_an_einsum_reference(pipe, concat):
+@pytest.mark.parametrize("concat, reference_weight", [(False, 1.0), (True, 1.0), (True, 0.3)])
+def test_processor_agrees_with_an_einsum_reference(pipe, concat, reference_weight):
     name = self_layers(pipe)[0]
     attn = pipe.unet.get_submodule(name[: -len(".processor")])
     torch.manual_seed(0)
@@ -210,10 +214,11 @@ def test_processor_agrees_with_an_einsum_reference(pipe, concat):
         gate = TimestepGate()
         gate.t = 5.0
         proc = InjectionProcessor(name, attn.processor, gate, RecordedSource(style=store, content=content),
-                                  gamma=0.75, temperature=1.5, mode="concat" if concat else "replace")
+                                  gamma=0.75, temperature=1.5, mode="concat" if concat else "replace",
+                                  reference_weight=reference_weight)
         got = proc(attn, hidden)
         want = einsum_reference(attn, hidden, content.get(name, 5.0, "q"), store.get(name, 5.0, "k"),
-                                store.get(name, 5.0, "v"), 0.75, 1.5, concat)
+                                store.get(name, 5.0, "v"), 0.75, 1.5, concat, reference_weight)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 

@@ -15,6 +15,7 @@ manager (`style_injection`, `attention_injection`, `shared_attention`) is a few 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -26,10 +27,11 @@ from dcustom.pipelines.hooks import HookProcessor, TimestepGate, attention_hooks
 MODES = ("replace", "concat")
 
 
-def attend(attn, q, k, v, residual, temperature: float = 1.0):
+def attend(attn, q, k, v, residual, temperature: float = 1.0, bias=None):
     """Multi-head attention of (B, N, C) projections through `attn`'s heads and output projection.
 
-    Logits are multiplied by `temperature` before the usual 1/√d scale (StyleID's T).
+    Logits are multiplied by `temperature` before the usual 1/√d scale (StyleID's T); `bias` (one value
+    per key, broadcast over queries and heads) is added to them after it.
     """
     import torch.nn.functional as F
 
@@ -44,7 +46,8 @@ def attend(attn, q, k, v, residual, temperature: float = 1.0):
         qh = attn.norm_q(qh)
     if attn.norm_k is not None:
         kh = attn.norm_k(kh)
-    out = F.scaled_dot_product_attention(qh, kh, vh, dropout_p=0.0, is_causal=False,
+    mask = None if bias is None else bias.to(qh.dtype).reshape(1, 1, 1, -1)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=0.0, is_causal=False,
                                          scale=attn.scale * temperature)
     out = out.transpose(1, 2).reshape(q.shape[0], -1, heads * d).to(q.dtype)
     out = attn.to_out[1](attn.to_out[0](out))
@@ -174,11 +177,14 @@ class InjectionProcessor(HookProcessor):
     """Self-attention of target rows against reference K/V (see module doc for the methods)."""
 
     def __init__(self, name, original, gate, source, gamma: float = 0.0, temperature: float = 1.0,
-                 mode: str = "replace", qk_adain: bool = False):
+                 mode: str = "replace", qk_adain: bool = False, reference_weight: float = 1.0):
         super().__init__(name, original, gate)
         if mode not in MODES:
             raise DcustomError(f"mode {mode!r} is not known; accepted: {', '.join(MODES)}.")
+        if reference_weight <= 0:
+            raise DcustomError(f"reference_weight must be positive, got {reference_weight}.")
         self.source, self.gamma, self.temperature, self.mode, self.qk_adain = source, gamma, temperature, mode, qk_adain
+        self.reference_weight = reference_weight
 
     def hooked(self, attn, hidden_states, call):
         import torch
@@ -195,11 +201,14 @@ class InjectionProcessor(HookProcessor):
             q = self.gamma * ref.q_content + (1.0 - self.gamma) * q
         if self.qk_adain:
             q, k = token_adain(q, ref.q_style), token_adain(k, ref.k)
+        bias = None
         if self.mode == "replace":
             keys, values = ref.k, ref.v
         else:
             keys, values = torch.cat([k, ref.k], dim=1), torch.cat([v, ref.v], dim=1)
-        out = attend(attn, q, keys, values, states, self.temperature)
+            if self.reference_weight != 1.0:  # StyleAligned's shared-score shift: log w on the reference's logits
+                bias = torch.cat([k.new_zeros(k.shape[1]), k.new_full((ref.k.shape[1],), math.log(self.reference_weight))])
+        out = attend(attn, q, keys, values, states, self.temperature, bias)
         self.gate.applied.add((self.name, self.gate.t))
         if rows is None:
             return out
@@ -213,7 +222,7 @@ class InjectionProcessor(HookProcessor):
 
 @contextlib.contextmanager
 def injection(pipe, layers, source, active_steps=None, gamma: float = 0.0, temperature: float = 1.0,
-              mode: str = "replace", qk_adain: bool = False):
+              mode: str = "replace", qk_adain: bool = False, reference_weight: float = 1.0):
     """Install injection processors on `layers` (processor names), gated to `active_steps` timesteps.
 
     Yields the `TimestepGate`; `gate.applied` lists the (layer, timestep) pairs that were injected.
@@ -223,7 +232,7 @@ def injection(pipe, layers, source, active_steps=None, gamma: float = 0.0, tempe
 
     def make(name, original, g):
         return InjectionProcessor(name, original, g, source, gamma=gamma, temperature=temperature, mode=mode,
-                                  qk_adain=qk_adain)
+                                  qk_adain=qk_adain, reference_weight=reference_weight)
 
     with attention_hooks(pipe.unet, layers, make, gate):
         yield gate

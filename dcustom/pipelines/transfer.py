@@ -41,6 +41,8 @@ class StyleTransferConfig:
     step_start: float = opt(0.0, "Inject from this fraction of the sampling steps on (0 = from the first step).")
     step_end: float = opt(1.0, "Stop injecting at this fraction of the sampling steps (1 = through the last).")
     mode: str = opt("replace", "'replace': attend to the style's K/V only; 'concat': attend to [own; style] K/V.")
+    style_weight: float = opt(1.0, "'concat' only: each style token's attention weight relative to an own token (log w is "
+                                   "added to the style's logits, StyleAligned's shared-score shift); 1 = plain concat.")
     init_adain: bool = opt(True, "Ablation switch: give the content's inverted latent the style latent's channel mean/std.")
     adain_at: float = opt(0.0, "When init_adain: the fraction of the sampling steps after which the latent gets the style trajectory's channel mean/std at that timestep (0 = z_T, as StyleID).")
     adain_std: bool = opt(True, "When init_adain: match the style latent's channel std as well as its mean (off = shift the mean only: the tone moves, the content's contrast stays).")
@@ -64,6 +66,8 @@ class StyleTransferConfig:
             raise ValueError(f"gamma must be between 0 and 1, got {self.gamma}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.style_weight <= 0:
+            raise ValueError(f"style_weight must be positive, got {self.style_weight}")
         if not 0.0 <= self.adain_at < 1.0:
             raise ValueError(f"adain_at must be at least 0 and below 1 (a fraction of the sampling steps), got {self.adain_at}")
         if not 0.0 <= self.step_start <= self.step_end <= 1.0:
@@ -159,7 +163,7 @@ def stylize(pipe, content, style, cfg, cache=None, on_step=None) -> StyleResult:
     elif recorded:
         source = RecordedSource(style=inv_s.features, content=inv_c.features if use_q else None)
         with injection(pipe, layers, source, active, gamma=cfg.gamma, temperature=cfg.temperature,
-                       mode=cfg.mode) as gate:
+                       mode=cfg.mode, reference_weight=cfg.style_weight) as gate:
             latents = sample_from(pipe, start, callback=plain_callback, **sample)
         applied = set(gate.applied)
     else:
@@ -175,7 +179,7 @@ def stylize(pipe, content, style, cfg, cache=None, on_step=None) -> StyleResult:
             return late_adain(i, put_back(_pipe, i, _t, tensors))
 
         with injection(pipe, layers, InBatchSource(roles), active, gamma=cfg.gamma, temperature=cfg.temperature,
-                       mode=cfg.mode) as gate:
+                       mode=cfg.mode, reference_weight=cfg.style_weight) as gate:
             latents = sample_from(pipe, batch, callback=replay, **sample)[-1:]
         applied = set(gate.applied)
     timings["sample_s"] = time.perf_counter() - t0
