@@ -56,6 +56,9 @@ class DataConfig:
     mask_outside_weight: float = opt(0.1, "Loss weight where a mask is black, relative to 1 where it is white: 0 "
                                           "learns only the subject, 1 ignores masks. Images without a mask weigh 1 "
                                           "everywhere.", ge=0, le=1)
+    caption_dropout: float = opt(0.0, "Share of training draws that use the empty caption instead of the image's "
+                                      "(kohya's caption_dropout_rate): the adapter also learns the unconditional "
+                                      "branch that classifier-free guidance subtracts.", ge=0, lt=1)
     prior: PriorConfig = opt(PriorConfig(), "DreamBooth prior preservation.")
 
 

@@ -187,6 +187,43 @@ def test_prior_with_several_class_prompts(images, tmp_path):
     assert [e.caption for e in objective.prepare_class_examples()] == [prompts[0], prompts[1], prompts[0]]
 
 
+def test_caption_dropout_trains_on_the_empty_caption_and_resumes_exactly(images, tmp_path):
+    """data.caption_dropout: about that share of draws use "" (cached with the captions), drawn from the loop's
+    seeded RNG, so a resumed run matches a straight one; at 0 no draw happens (older runs are unchanged)."""
+    from types import SimpleNamespace
+
+    from dcustom.trainers.denoising import DenoisingObjective
+
+    data = DataConfig(images=str(images), instance_prompt=PROMPT, resolution=32, caption_dropout=0.3)
+    objective = DenoisingObjective("tiny:sd15", data, None, 0.0, pipe=load_pipeline("tiny:sd15", device="cpu"))
+    objective.load(SimpleNamespace(device=torch.device("cpu"), weight_dtype=torch.float32, cfg=SimpleNamespace(seed=0)))
+    examples = objective.prepare_examples()
+    objective.cache_text()
+    assert "" in objective.text_cache
+    torch.manual_seed(0)
+    drawn = [c for _ in range(400) for c in objective._captions(examples)]
+    assert 0.25 < drawn.count("") / len(drawn) < 0.35
+    assert {c for c in drawn if c} == {ex.caption for ex in examples}
+    objective.data.caption_dropout = 0.0
+    state = torch.get_rng_state()
+    assert objective._captions(examples) == [ex.caption for ex in examples]
+    assert torch.equal(torch.get_rng_state(), state)
+
+    dropout = {"caption_dropout": 0.5}
+    full = train(make_cfg("lora", "sd15", images, tmp_path / "a", data=dropout, train={"steps": 4}), progress=False)
+    seen = []
+    stop = lambda: sum(e["event"] == "step" for e in seen) >= 2  # noqa: E731
+    train(make_cfg("lora", "sd15", images, tmp_path / "b", data=dropout, train={"steps": 4}), on_event=seen.append,
+          should_stop=stop, progress=False)
+    second = train(make_cfg("lora", "sd15", images, tmp_path / "b", data=dropout, train={"steps": 4, "resume": "latest"}),
+                   progress=False)
+    plain = train(make_cfg("lora", "sd15", images, tmp_path / "c", train={"steps": 4}), progress=False)
+    a, b, c = (r.method.trainable_parameters() for r in (full, second, plain))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    assert any(not torch.allclose(a[k], c[k]) for k in a)
+
+
 def test_bad_settings_get_clear_messages(images, tmp_path):
     with pytest.raises(DcustomError, match=r"block_size: 5 does not divide the input width 64 of UNet layer .down_blocks.1.attentions.0"):
         train(make_cfg("oft", "sd15", images, tmp_path / "x", block_size=5), progress=False)

@@ -10,7 +10,7 @@ A method holds one `DenoisingObjective` and calls it in this order:
 
 The loss of an example: its latent (one of its flip variants, drawn from the cached VAE posterior),
 noise (+ noise offset), a uniform timestep, the ε or v target, the UNet's prediction from the caption's
-text embeddings (SDXL: pooled embeddings and micro-conditioning), the squared error averaged per sample
+text embeddings (the empty caption with probability data.caption_dropout) (SDXL: pooled embeddings and micro-conditioning), the squared error averaged per sample
 (`per_sample_loss`, the one place a per-pixel weight multiplies in: an image's mask, see `mask_weights`), then
 the min-SNR-γ weight. Examples are batched per aspect bucket, since a UNet batch needs one shape. Draws
 use torch's global RNG in a fixed order, which the loop seeds and checkpoints: resume stays exact.
@@ -210,8 +210,9 @@ class DenoisingObjective:
         """Encode every caption once (only valid while the text encoders are frozen)."""
         import torch
 
+        captions = {e.caption for e in self.examples + self.class_examples} | ({""} if self.data.caption_dropout else set())
         with torch.no_grad():
-            for caption in {e.caption for e in self.examples + self.class_examples}:
+            for caption in captions:
                 self.text_cache[caption] = tuple(None if t is None else t.detach() for t in self.encode_text([caption]))
 
     def encode_text(self, captions: list):
@@ -224,10 +225,18 @@ class DenoisingObjective:
         embeds, _ = self.pipe.encode_prompt(captions, device, 1, False)
         return embeds, None
 
-    def _text(self, examples):
+    def _captions(self, examples) -> list:
+        """Each example's caption, or "" with probability data.caption_dropout (no draw when it is 0)."""
         import torch
 
-        captions = [ex.caption for ex in examples]
+        p = self.data.caption_dropout
+        if not p:
+            return [ex.caption for ex in examples]
+        return ["" if float(torch.rand(())) < p else ex.caption for ex in examples]
+
+    def _text(self, captions: list):
+        import torch
+
         if self.text_cache:
             parts = [self.text_cache[c] for c in captions]
             embeds = torch.cat([p[0] for p in parts])
@@ -286,7 +295,7 @@ class DenoisingObjective:
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=device).long()
         noisy = sched.add_noise(latents, noise, t)
         target = noise if self.prediction == "epsilon" else sched.get_velocity(latents, noise, t)
-        embeds, pooled = self._text(group)
+        embeds, pooled = self._text(self._captions(group))
         kwargs = {}
         if self.family.micro_conditioning:
             time_ids = torch.stack([ex.time_ids for ex in group]).to(device)

@@ -118,7 +118,7 @@ class FlowObjective(DenoisingObjective):
         sigmas = shift_sigmas(sigmas, self.shift(tokens)).to(device)
         s = sigmas.view(-1, 1, 1, 1)
         noisy = (1 - s) * latents + s * noise
-        embeds, pooled = self._text(group)
+        embeds, pooled = self._text(self._captions(group))
         pred = self.predict(noisy, sigmas, embeds.to(device), pooled.to(device)).float()
         weight = None
         if any(ex.weights for ex in group):  # images without a mask weigh 1 everywhere
