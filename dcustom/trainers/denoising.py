@@ -12,6 +12,7 @@ The loss of an example: its latent (one of its flip variants, drawn from the cac
 noise (+ noise offset), a uniform timestep, the ε or v target, the UNet's prediction from the caption's
 text embeddings (the empty caption with probability data.caption_dropout) (SDXL: pooled embeddings and micro-conditioning), the squared error averaged per sample
 (`per_sample_loss`, the one place a per-pixel weight multiplies in: an image's mask, see `mask_weights`), then
+optionally the drift from the base model on prompts without the trigger (`keep_prompts`), then
 the min-SNR-γ weight. Examples are batched per aspect bucket, since a UNet batch needs one shape. Draws
 use torch's global RNG in a fixed order, which the loop seeds and checkpoints: resume stays exact.
 """
@@ -95,9 +96,11 @@ def min_snr_weight(noise_scheduler, timesteps, gamma: float, prediction: str):
 class DenoisingObjective:
     """Data, text encoding and the denoising loss of a subject trainer (see the module doc for the order)."""
 
-    def __init__(self, model: str, data: DataConfig, min_snr_gamma: Optional[float], noise_offset: float, pipe=None):
+    def __init__(self, model: str, data: DataConfig, min_snr_gamma: Optional[float], noise_offset: float, pipe=None,
+                 keep_prompts=(), keep_weight: float = 1.0):
         self.model, self.data = model, data
         self.min_snr_gamma, self.noise_offset = min_snr_gamma, noise_offset
+        self.keep_prompts, self.keep_weight = list(keep_prompts), keep_weight
         self.pipe = pipe
         self.examples, self.class_examples, self.text_cache = [], [], {}
         self.used, self.skipped = [], []
@@ -210,7 +213,9 @@ class DenoisingObjective:
         """Encode every caption once (only valid while the text encoders are frozen)."""
         import torch
 
-        captions = {e.caption for e in self.examples + self.class_examples} | ({""} if self.data.caption_dropout else set())
+        captions = {e.caption for e in self.examples + self.class_examples} | set(self.keep_prompts)
+        if self.data.caption_dropout:
+            captions.add("")
         with torch.no_grad():
             for caption in captions:
                 self.text_cache[caption] = tuple(None if t is None else t.detach() for t in self.encode_text([caption]))
@@ -307,9 +312,32 @@ class DenoisingObjective:
             ones = torch.ones(1, *latents.shape[2:])
             weight = torch.stack([ex.weights[v] if ex.weights else ones for ex, v in zip(group, variants)]).to(device)
         per_sample = per_sample_loss(pred, target.float(), weight)
+        if self.keep_prompts:
+            time_ids = kwargs["added_cond_kwargs"]["time_ids"] if kwargs else None
+            per_sample = per_sample + self.keep_weight * self._kept_prompt_drift(noisy.to(dtype), t, time_ids)
         if self.min_snr_gamma:
             per_sample = per_sample * min_snr_weight(sched, t, self.min_snr_gamma, self.prediction)
         return per_sample.mean()
+
+    def _kept_prompt_drift(self, noisy, t, time_ids):
+        """Per sample, the squared distance of the adapted UNet's prediction from the base model's at the same noisy
+        latents, for one of `keep_prompts` drawn per sample (prompts without the trigger: "" is guidance's
+        unconditional branch). An adapter on text-independent layers (convolutions, feed-forward) otherwise changes
+        every prompt, and guidance amplifies whatever differs between its two branches."""
+        import torch
+
+        unet, device = self.pipe.unet, self.ctx.device
+        picks = torch.randint(len(self.keep_prompts), (noisy.shape[0],)).tolist()
+        embeds, pooled = self._text([self.keep_prompts[i] for i in picks])
+        embeds = embeds.to(device, noisy.dtype)
+        kwargs = {} if time_ids is None else {"added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids}}
+        with torch.no_grad():
+            unet.disable_adapters()
+            try:
+                base = unet(noisy, t, embeds, **kwargs).sample.float()
+            finally:
+                unet.enable_adapters()
+        return per_sample_loss(unet(noisy, t, embeds, **kwargs).sample.float(), base)
 
     # --- validation images ------------------------------------------------------------------
     def render_samples(self, folder: Path, prompts: list, steps: int, seed: int) -> list[Path]:

@@ -24,6 +24,12 @@ class AdapterTrainConfig:
     target_modules: list[str] = opt(list(ATTN_TARGETS), "UNet Linear layers the adapter wraps (peft target_modules).")
     min_snr_gamma: Optional[float] = opt(5.0, "Min-SNR-gamma loss weighting (null disables; 5 is the paper's value).", gt=0)
     noise_offset: float = opt(0.0, "Noise offset (e.g. 0.05) for darker/brighter images; 0 disables.", ge=0)
+    keep_prompts: list[str] = opt(
+        [], "Prompts without the trigger whose predictions stay the base model's: each step adds the adapted UNet's "
+            "squared distance from the base on one of them, at the same noisy latents ('' is guidance's unconditional "
+            "branch). An adapter on convolutions or feed-forward layers otherwise changes every prompt. Empty "
+            "disables it (it costs two more UNet passes per step).")
+    keep_weight: float = opt(1.0, "Weight of that loss.", ge=0)
     validation_prompts: list[str] = opt(["a photo of sks dog on the beach"], "Prompts rendered as samples (every train.sample_every steps and at the end).")
     sample_steps: int = opt(25, "Sampling steps for validation images.", ge=1)
     sample_seed: int = opt(1234, "Seed of the validation images (same each time, so they are comparable).", ge=0)

@@ -51,7 +51,8 @@ def text_encoder_alpha(cfg) -> float:
 class AdapterMethod(SubjectMethod):
     def __init__(self, cfg: AdapterTrainConfig, pipe=None):
         self.cfg = cfg
-        self.objective = DenoisingObjective(cfg.model, cfg.data, cfg.min_snr_gamma, cfg.noise_offset, pipe)
+        self.objective = DenoisingObjective(cfg.model, cfg.data, cfg.min_snr_gamma, cfg.noise_offset, pipe,
+                                            keep_prompts=cfg.keep_prompts, keep_weight=cfg.keep_weight)
         self.extraction_error = self.extraction_worst = None
         self.judge, self.judge_reason, self.best = None, None, None
 
