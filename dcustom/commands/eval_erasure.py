@@ -3,6 +3,8 @@ erasure, judged in the toy world; writes erasure.json and grid.png. Torch-free a
 
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 
 from dcustom.commands.common import fail, parse_seeds
@@ -78,7 +80,7 @@ def erasure_methods(
     preservation: int = typer.Option(16, "--preservation-prompts", help="Random prompts without the concept."),
     attack_prompts: int = typer.Option(2, "--attack-prompts", help="Efficacy prompts the robustness probe attacks (0: none)."),
     attack_steps: int = typer.Option(50, "--attack-steps"),
-    esd_steps: int = typer.Option(200, "--esd-steps", help="ESD training steps."),
+    esd_steps: Optional[int] = typer.Option(None, "--esd-steps", help="ESD training steps (default: the suite's, 1000)."),
     output_dir: str = typer.Option("runs/eval_erasure_methods", "--output-dir", "-o",
                                    help="Writes methods.json and, per method and concept, erasure.json and grid.png."),
 ):
@@ -107,7 +109,7 @@ def erasure_methods(
 
         table = run_suite(concepts, algorithms, model=model, seeds=seed_list, per_group=per_group,
                           preservation=preservation, attack_prompts=attack_prompts, attack_steps=attack_steps,
-                          out_dir=output_dir, overrides={"train": {"steps": esd_steps}},
+                          out_dir=output_dir, overrides={"train": {"steps": esd_steps}} if esd_steps else None,
                           on_stage=lambda msg: typer.echo(msg, err=True))
     except DcustomError as exc:
         fail(str(exc))

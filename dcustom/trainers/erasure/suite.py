@@ -17,11 +17,12 @@ from pathlib import Path
 from dcustom.toyworld.grammar import BACKGROUNDS, COLOURS, SHAPES
 
 # ESD on the toy model: 20 DDIM steps of partial sampling (the model samples with 20) keep a step under
-# a second on one CPU thread; η = 1 as in the paper, a rank-8 LoRA on the selected layers, lr 1e-4.
-# Measured on purple (docs/results.md): neither 1e-4 nor 1e-3 x 200 steps erases it (100 % survives); 1e-3 only
-# costs the unrelated prompts accuracy (0.97 -> 0.72 for ESD-x), so the lower rate stays.
+# a second on one CPU thread; η = 1 as in the paper, a rank-8 LoRA on the selected layers. Measured on purple
+# (docs/results.md, 2 seeds): with the target's reference the prompt without the colour, ESD-x leaves purple in
+# 25 % of images at lr 1e-3 x 200 steps, 12.5 % at 600 steps (also with η = 3), 6 % at lr 3e-3 x 600 steps,
+# unrelated prompts kept throughout; hence lr 3e-3 x 1000 steps.
 ESD_SETTINGS = {"esd": {"ddim_steps": 20, "negative_guidance": 1.0, "train_mode": "lora"},
-                "lora": {"rank": 8, "alpha": 8.0}, "train": {"steps": 200, "lr": 1e-4, "checkpoint_every": 0}}
+                "lora": {"rank": 8, "alpha": 8.0}, "train": {"steps": 1000, "lr": 3e-3, "checkpoint_every": 0}}
 
 
 def toy_templates(head: str) -> list[str]:
