@@ -10,15 +10,16 @@ A method holds one `DenoisingObjective` and calls it in this order:
 
 The loss of an example: its latent (one of its flip variants, drawn from the cached VAE posterior),
 noise (+ noise offset), a uniform timestep, the ε or v target, the UNet's prediction from the caption's
-text embeddings (the empty caption with probability data.caption_dropout) (SDXL: pooled embeddings and micro-conditioning), the squared error averaged per sample
-(`per_sample_loss`, the one place a per-pixel weight multiplies in: an image's mask, see `mask_weights`), then
-optionally the drift from the base model on prompts without the trigger (`keep_prompts`), then
-the min-SNR-γ weight. Examples are batched per aspect bucket, since a UNet batch needs one shape. Draws
+text embeddings (the empty caption with probability data.caption_dropout; SDXL: pooled embeddings and
+micro-conditioning), the squared error averaged per sample (`per_sample_loss`, the one place a per-pixel
+weight multiplies in: an image's mask, see `mask_weights`), plus the drift from the base model on a prompt
+without the trigger (`keep_prompts`, when set), then the min-SNR-γ weight. Examples are batched per aspect bucket, since a UNet batch needs one shape. Draws
 use torch's global RNG in a fixed order, which the loop seeds and checkpoints: resume stays exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,16 +329,27 @@ class DenoisingObjective:
 
         unet, device = self.pipe.unet, self.ctx.device
         picks = torch.randint(len(self.keep_prompts), (noisy.shape[0],)).tolist()
-        embeds, pooled = self._text([self.keep_prompts[i] for i in picks])
-        embeds = embeds.to(device, noisy.dtype)
-        kwargs = {} if time_ids is None else {"added_cond_kwargs": {"text_embeds": pooled.to(device), "time_ids": time_ids}}
-        with torch.no_grad():
-            unet.disable_adapters()
-            try:
-                base = unet(noisy, t, embeds, **kwargs).sample.float()
-            finally:
-                unet.enable_adapters()
-        return per_sample_loss(unet(noisy, t, embeds, **kwargs).sample.float(), base)
+        prompts = [self.keep_prompts[i] for i in picks]
+
+        def predict(embeds, pooled):
+            added = None if time_ids is None else {"text_embeds": pooled.to(device), "time_ids": time_ids}
+            return unet(noisy, t, embeds.to(device, noisy.dtype), added_cond_kwargs=added).sample.float()
+
+        with torch.no_grad(), self._adapters_off():
+            base = predict(*self._text(prompts))  # the text side is the base model's too (it differs if it trains)
+        return per_sample_loss(predict(*self._text(prompts)), base)
+
+    @contextlib.contextmanager
+    def _adapters_off(self):
+        """The base model: every peft adapter on the UNet and on trained text encoders switched off."""
+        modules = [self.pipe.unet] + [te for te in self.text_encoders if getattr(te, "_hf_peft_config_loaded", False)]
+        for module in modules:
+            module.disable_adapters()
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.enable_adapters()
 
     # --- validation images ------------------------------------------------------------------
     def render_samples(self, folder: Path, prompts: list, steps: int, seed: int) -> list[Path]:
