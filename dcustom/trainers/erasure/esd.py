@@ -4,14 +4,14 @@ For x_t drawn by partially sampling the frozen model on the concept prompt (DDIM
 ``start_guidance``, stopped at a uniformly drawn step), the trained prediction ε_θ(x_t, c) is
 regressed onto
 
-    target = ε*(x_t, ∅) − η (ε*(x_t, c) − ε*(x_t, ∅))
+    target = ε*(x_t, r) − η (ε*(x_t, c) − ε*(x_t, r))
 
 from the frozen model ε*. The target is affine in ε with coefficients summing to one, so the same
 formula holds for v-prediction outputs; it is applied to the UNet's raw output.
 
-The reference ∅ is the concept's own prompt with the concept replaced by its anchor ('' drops the word),
-and the unconditional embedding only when nothing is left. The paper trains on the concept alone
-("Van Gogh"), where both readings agree. On prompts that name the concept beside other things ("a purple
+The reference r is the concept's own prompt with the concept replaced by its anchor ('' drops the word),
+and the unconditional embedding ∅ only when nothing is left. The paper trains on the concept alone
+("Van Gogh") with r = ∅, where both readings agree. On prompts that name the concept beside other things ("a purple
 star on a grass background") the empty reference negates the whole prompt: the concept's share of the
 gradient vanishes and ESD erased no purple on builtin:toy (100 % survived), while the template reference
 negates the concept's direction only (docs/results.md, Concept erasure).
@@ -87,7 +87,7 @@ class EsdMethod(TrainingMethod):
         prompts = [t.format(c) for c in cfg.erase for t in cfg.templates]
         references = [reference_prompt(t, a) for a in anchors for t in cfg.templates]
         self.concept_conds = encode(pipe, prompts)
-        self.base_conds = encode(pipe, [r or "" for r in references])
+        self.base_conds = encode(pipe, references)
         self.null = unconditional(pipe, 1)
         self.reference_is_null = [not r for r in references]
         self.started = time.perf_counter()
