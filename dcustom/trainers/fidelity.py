@@ -46,6 +46,8 @@ class FidelityConfig:
     seeds: int = opt(2, "Images per prompt (seeds 0..n-1, the same at every step).", ge=1)
     steps: int = opt(20, "Sampling steps of the validation images.", ge=1)
     guidance: float = opt(5.0, "Classifier-free guidance of the validation images.", ge=0)
+    batch_size: int = opt(8, "Validation images per pipeline call (more is faster, mostly on a CPU, and needs more "
+                             "memory).", ge=1)
     keep_best: bool = opt(True, "Keep the best step's adapter files in best/ beside the last ones.")
 
 
@@ -77,16 +79,20 @@ def _subject_from_triggers(texts: list[str]) -> Optional[str]:
     return found[0] if len(found) == 1 else None
 
 
-def draw(pipe, prompts: list[str], seeds: int, steps: int, guidance: float, size: Optional[int] = None) -> list:
-    """prompts x seeds images (prompt-major), seed k for the k-th image of every prompt."""
+def draw(pipe, prompts: list[str], seeds: int, steps: int, guidance: float, size: Optional[int] = None,
+         batch_size: int = 8) -> list:
+    """prompts x seeds images (prompt-major), seed k for the k-th image of every prompt, batch_size per pipeline
+    call (each image has its own generator, so the batching does not change which noise it starts from)."""
     import torch
 
     images = []
     kwargs = {"width": size, "height": size} if size else {}
-    for prompt in prompts:
-        generators = [torch.Generator(device="cpu").manual_seed(k) for k in range(seeds)]
+    jobs = [(prompt, k) for prompt in prompts for k in range(seeds)]
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed(k) for _, k in chunk]
         with torch.no_grad():
-            images += pipe([prompt] * seeds, num_inference_steps=steps, guidance_scale=guidance,
+            images += pipe([prompt for prompt, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
                            generator=generators, **kwargs).images
     return images
 
@@ -108,8 +114,8 @@ class ToyJudge:
         from dcustom.toyworld.judges import load_judge
 
         c = self.cfg
-        images = draw(pipe, self.prompts, c.seeds, c.steps, c.guidance)
-        kept_images = draw(pipe, list(KEPT_PROMPTS), c.seeds, c.steps, c.guidance)
+        drawn = draw(pipe, self.prompts + list(KEPT_PROMPTS), c.seeds, c.steps, c.guidance, batch_size=c.batch_size)
+        images, kept_images = drawn[:len(self.prompts) * c.seeds], drawn[len(self.prompts) * c.seeds:]
         wanted = [parse_caption(p) for p in KEPT_PROMPTS for _ in range(c.seeds)]
         backgrounds = [parse_caption(p).get("background") for p in self.prompts for _ in range(c.seeds)]
         scores = {"judge": "toy", "subject": self.subject, "images": len(images) + len(kept_images)}
@@ -197,7 +203,7 @@ class FeatureJudge:
         import torch.nn.functional as F
 
         c = self.cfg
-        images = draw(pipe, self.prompts, c.seeds, c.steps, c.guidance, size)
+        images = draw(pipe, self.prompts, c.seeds, c.steps, c.guidance, size, c.batch_size)
         with torch.no_grad():
             emb = self._embed(images)
             scores = {"judge": f"features ({self.kind})", "images": len(images),
