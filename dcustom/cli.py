@@ -159,14 +159,16 @@ def generate(
 def demo(
     output_dir: Path = typer.Option(Path("outputs/demo"), "--output-dir", "-o", help="Where the examples, the LoRA, "
                                     "before_after.png and demo.json go."),
-    subject: str = typer.Option("robot", "--subject", help="Held-out toy subject: robot, ladybug or pine."),
+    subject: Optional[str] = typer.Option(None, "--subject", help="Held-out toy subject: robot, ladybug or pine "
+                                          "(default: pine, the one every step of configs/lora.yaml draws)."),
     config: Path = typer.Option(Path("configs/lora.yaml"), "--config", help="The LoRA settings to train with."),
     set_: List[str] = typer.Option([], "--set", help=SET_HELP),
 ):
     """Teach builtin:toy a subject from 5 renders and draw it on backgrounds it never saw: before/after grid + J_eval."""
-    from dcustom.toyworld.demo import run_demo
+    from dcustom.toyworld.demo import DEMO_SUBJECT, run_demo
     from dcustom.toyworld.grammar import SUBJECT_NAMES
 
+    subject = subject or DEMO_SUBJECT
     if subject not in SUBJECT_NAMES:
         fail(f"--subject {subject!r} is not a toy subject; accepted: {', '.join(SUBJECT_NAMES)}.")
     try:

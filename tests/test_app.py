@@ -360,10 +360,10 @@ def test_train_example_subject_fills_the_form_and_trains(app):
     files, trigger, class_word, model, prompt = client.predict(api_name="/train_example")
     paths = [Path(f if isinstance(f, str) else f["path"]) for f in files]
     assert len(paths) == 5 and all(p.is_file() and not p.name.endswith(".mask.png") for p in paths)
-    assert (trigger, class_word) == ("sks", "square") and prompt == "a photo of a sks square on a black background"
+    assert (trigger, class_word) == ("qrv", "triangle") and prompt == "a photo of a qrv triangle on a black background"
     job = client.predict([handle_file(str(p)) for p in paths],
-                         *train_args(trigger=trigger, class_word=class_word, adapter_name="example-robot"),
+                         *train_args(trigger=trigger, class_word=class_word, adapter_name="example-pine"),
                          api_name="/train_start")[-1]
     done = wait_for(client, job, lambda s: s["status"] in ("finished", "failed", "cancelled"))
     assert done["status"] == "finished", done["log"]
-    assert (state.paths.adapters / "example-robot" / "pytorch_lora_weights.safetensors").is_file()
+    assert (state.paths.adapters / "example-pine" / "pytorch_lora_weights.safetensors").is_file()

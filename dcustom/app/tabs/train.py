@@ -108,9 +108,10 @@ def build(state, queue, adapter_dropdowns: list) -> dict:
     @shown_in_ui
     def on_example():
         """The demo's subject in one click: its renders as the images, its trigger phrase, builtin:toy."""
+        from dcustom.toyworld.demo import DEMO_SUBJECT
         from dcustom.toyworld.subjects import write_subject_examples
 
-        folder, phrase = write_subject_examples("robot", state.paths.root / "examples" / "robot", masks=False)
+        folder, phrase = write_subject_examples(DEMO_SUBJECT, state.paths.root / "examples" / DEMO_SUBJECT, masks=False)
         trigger_word, class_name = phrase.split()
         files = sorted(str(p) for p in folder.glob("*.png"))
         model_value = "builtin:toy" if "builtin:toy" in state.model_choices() else gr.update()
