@@ -53,11 +53,19 @@ def judge_subject(images, subject: str, backgrounds: list, judge) -> dict:
             "images": n}
 
 
-def unrelated_accuracy(pipe) -> float:
-    """Prompt accuracy of `pipe` on 12 held-out base prompts (no subject) x seeds 0, 1, judged by J_eval."""
-    from dcustom.toyworld.evaluate import evaluate_pipeline, heldout_prompts
+def unrelated_prompts() -> list[str]:
+    """The 12 base prompts (no subject) the unrelated-prompt accuracy is measured on."""
+    from dcustom.toyworld.evaluate import heldout_prompts
 
-    report = evaluate_pipeline(pipe, prompts=heldout_prompts(n_base=12)[:12], seeds=[0, 1])
+    return heldout_prompts(n_base=12)[:12]
+
+
+def unrelated_accuracy(pipe) -> float:
+    """Prompt accuracy of `pipe` on the unrelated prompts x seeds 0, 1, judged by J_eval (20 steps, guidance 5: as
+    the model card measures prompt accuracy)."""
+    from dcustom.toyworld.evaluate import evaluate_pipeline
+
+    report = evaluate_pipeline(pipe, prompts=unrelated_prompts(), seeds=[0, 1])
     return report["groups"]["base"]["prompt"]
 
 
