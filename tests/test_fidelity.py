@@ -138,3 +138,21 @@ def test_dinov2_and_clip_feature_judges_from_a_local_folder(tmp_path, tiny_pipe)
         assert torch.allclose(judge._embed(refs), judge.reference)  # same images, same embedding: deterministic
         same = judge._embed(refs[:1]) @ judge.reference[:1].T
         assert same.item() == pytest.approx(1.0, abs=1e-5)  # an image is most similar to itself
+
+
+def test_validation_images_do_not_depend_on_the_batch_size():
+    """draw() batches prompts x seeds; every image keeps its own seed, so batching changes no image."""
+    import numpy as np
+
+    from dcustom.models import load_pipeline
+    from dcustom.trainers.fidelity import draw
+
+    pipe = load_pipeline("tiny:sd15", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a sks square", "a red circle", "a blue star"]
+    one = draw(pipe, prompts, 2, 2, 5.0, size=32, batch_size=1)
+    batched = draw(pipe, prompts, 2, 2, 5.0, size=32, batch_size=4)
+    assert len(one) == len(batched) == 6
+    for a, b in zip(one, batched):
+        assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() <= 1
+    assert np.abs(np.asarray(one[0], dtype=np.int16) - np.asarray(one[1], dtype=np.int16)).max() > 1  # seeds differ
