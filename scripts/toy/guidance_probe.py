@@ -43,25 +43,26 @@ def sample(pipe, prompts, seeds, guidance, base_unconditional):
 
 
 def main():
+    from dcustom.toyworld.grammar import SUBJECT_NAMES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter", help="adapter folder or file (e.g. a run folder or its best/)")
-    parser.add_argument("subject", choices=("robot", "ladybug", "pine"))
+    parser.add_argument("subject", choices=SUBJECT_NAMES)
     parser.add_argument("--guidance", default="1,3,5,7.5")
     parser.add_argument("--seeds", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(1)
     from dcustom.adapters.load import load_adapter
     from dcustom.models import load_pipeline
-    from dcustom.toyworld.grammar import SUBJECTS
     from dcustom.toyworld.judges import load_judge
     from dcustom.toyworld.subject_eval import judge_subject, subject_prompts
+    from dcustom.toyworld.subjects import trigger_phrase
     from dcustom.trainers.fidelity import UNSEEN_BACKGROUNDS
 
-    subject = next(s for s in SUBJECTS if s.name == args.subject)
     pipe = load_pipeline("builtin:toy", device="cpu", dtype="fp32")
     load_adapter(pipe, args.adapter)
     judge, seeds = load_judge("eval"), list(range(args.seeds))
-    prompts = subject_prompts(f"{subject.trigger} {subject.class_word}", UNSEEN_BACKGROUNDS)
+    prompts = subject_prompts(trigger_phrase(args.subject), UNSEEN_BACKGROUNDS)
     backgrounds = [bg for bg in UNSEEN_BACKGROUNDS for _ in seeds]
     for guidance in (float(g) for g in args.guidance.split(",")):
         for base_unconditional in (False, True):
