@@ -37,6 +37,15 @@ def test_textual_inversion_binds_a_new_token(method, tmp_path):
     assert cfg.adapter == ("lora" if method == "pivotal" else "none")
 
 
+def test_pivotal_takes_the_lora_hold_and_fidelity_cadence(tmp_path):
+    from dcustom.config import read_yaml
+
+    lora = read_yaml(CONFIGS / "lora.yaml")
+    cfg, _ = method_config("pivotal", CONFIGS, tmp_path / "ex", "robot", tmp_path / "run")
+    assert cfg.keep_prompts == lora["keep_prompts"] and cfg.train.sample_every == lora["train"]["sample_every"]
+    assert cfg.adapter_options.target_modules == lora["target_modules"] and cfg.fidelity.subject == "robot"
+
+
 def test_examples_name_the_token_in_their_captions(tmp_path):
     from dcustom.toyworld.subjects import write_subject_examples
 

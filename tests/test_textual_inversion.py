@@ -160,6 +160,34 @@ def test_pivotal_lora_trains_vectors_first_then_saves_both_files_that_load_toget
     assert (render(theirs) - trained).abs().max().item() < 1e-5
 
 
+def test_pivotal_holds_prompts_without_the_token_and_keeps_the_best_step_by_the_toy_judge(images, tmp_path):
+    from dcustom.trainers.fidelity import FidelityConfig
+
+    kept = ["", "a red circle"]
+    cfg = make_cfg("sd15", images, tmp_path / "run", adapter="lora", embedding_lr=5e-2, keep_prompts=kept,
+                   keep_weight=2.0, train={"lr": 1e-2, "steps": 3, "sample_every": 1},
+                   lora=LoraAdapterConfig(rank=4, alpha=2.0),
+                   fidelity=FidelityConfig(judge="toy", subject="robot", steps=2, seeds=1))
+    method, result = run(cfg)
+    assert method.objective.keep_prompts == kept and method.objective.keep_weight == 2.0
+    assert method.judge.prompts == [f"a <toy-subject> on a {bg} background" for bg in ("black", "dotted", "checkered")]
+    events = [json.loads(line) for line in (result.run_dir / "events.jsonl").read_text().splitlines()]
+    vals = [e for e in events if e["event"] == "validation"]
+    assert [v["step"] for v in vals] == [1, 2, 3] and all(v["subject"] == "robot" for v in vals)
+    best = json.loads((result.run_dir / "best" / "best.json").read_text())
+    assert best["step"] == max(vals, key=lambda v: (v["select"], -v["step"]))["step"]
+    names = {p.name for p in (result.run_dir / "best").iterdir()}
+    assert {"learned_embeds.safetensors", "pytorch_lora_weights.safetensors", "lora_kohya.safetensors"} <= names
+    ours = load_pipeline("tiny:sd15", device="cpu")  # best/ loads like the run folder: the new word and the LoRA
+    load_adapter(ours, result.run_dir / "best")
+    assert "<toy-subject>" in ours.tokenizer.get_vocab()
+
+
+def test_textual_inversion_alone_skips_the_hold(images, tmp_path):
+    method = TextualInversionMethod(make_cfg("sd15", images, tmp_path / "run", keep_prompts=["a red circle"]))
+    assert method.objective.keep_prompts == []  # the vectors never reach a prompt without the token
+
+
 def test_pivotal_oft_sdxl_adapter_waits_for_its_start_step(images, tmp_path):
     cfg = make_cfg("sdxl", images, tmp_path / "run", adapter="oft",
                    adapter_options=PivotalAdapterConfig(block_size=8, start_step=1))

@@ -7,7 +7,7 @@ For a method (lora, oft, boft, textual_inversion, pivotal) and a held-out subjec
 2. the method trained on them with the shipped config (`configs/<method>.yaml`; pivotal tuning is
    `configs/textual_inversion.yaml` with the pivotal overrides below) and nothing else changed but the
    paths and the trigger words;
-3. the adapter (best/ when fidelity tracking kept one, else the last) drawing the subject on the
+3. the adapter (best/ when fidelity tracking kept an earlier step, else the last) drawing the subject on the
    backgrounds the examples never show (black, dotted, checkered) x `seeds`, at the generate defaults;
    J_eval judges subject and background. The last step is measured too, so best vs last is visible;
 4. prompt accuracy on 12 unrelated base prompts x 2 seeds with the adapter loaded, over the base model's.
@@ -31,12 +31,20 @@ PIVOTAL_OVERRIDES = ("adapter=lora", "embedding_fraction=0.5", "embedding_lr=5.0
 
 
 def pivotal_lora_overrides(config_dir: Path) -> list[str]:
-    """configs/lora.yaml's adapter settings as overrides of the textual-inversion config."""
+    """configs/lora.yaml's adapter settings as overrides of the textual-inversion config: layers, rank, alpha, rate,
+    the hold on prompts without the token, and how often fidelity is checked (for best/)."""
+    import json
+
     from dcustom.config import read_yaml
 
     lora = read_yaml(Path(config_dir) / "lora.yaml")
-    return [f"adapter_options.target_modules=[{','.join(lora['target_modules'])}]", f"lora.rank={lora['rank']}",
-            f"lora.alpha={lora['alpha']}", f"train.lr={lora['train']['lr']}"]
+    found = [f"adapter_options.target_modules=[{','.join(lora['target_modules'])}]", f"lora.rank={lora['rank']}",
+             f"lora.alpha={lora['alpha']}", f"train.lr={lora['train']['lr']}"]
+    if lora.get("keep_prompts"):
+        found += [f"keep_prompts={json.dumps(lora['keep_prompts'])}", f"keep_weight={lora.get('keep_weight', 1.0)}"]
+    if lora["train"].get("sample_every"):
+        found.append(f"train.sample_every={lora['train']['sample_every']}")
+    return found
 
 
 def subject_prompts(thing: str, backgrounds) -> list[str]:
@@ -86,7 +94,7 @@ def method_config(method: str, config_dir: Path, examples: Path, subject: str, r
         # A new word replaces the trigger: captions name the subject by it ("a <robot> on a gray background").
         token, class_word = f"<{subject}>", phrase.split()[1]
         extra = [f"tokens=[{token}]", f"init_words=[{class_word}]", "prompts=captions",
-                 f"validation_prompts=[a {token} on a black background]"]
+                 f"validation_prompts=[a {token} on a black background]", f"fidelity.subject={subject}"]
         extra += list(PIVOTAL_OVERRIDES) + pivotal_lora_overrides(config_dir) if method == "pivotal" else []
         thing = token
     else:
@@ -97,10 +105,11 @@ def method_config(method: str, config_dir: Path, examples: Path, subject: str, r
     return load_config(cls, path, overrides=common + extra + list(overrides)), thing
 
 
-def adapter_folders(run_dir: Path) -> list[tuple[str, Path]]:
-    """("best", run_dir/best) when fidelity tracking kept one, then ("last", run_dir)."""
+def adapter_folders(run_dir: Path, last_step: int) -> list[tuple[str, Path]]:
+    """("best", run_dir/best) when fidelity tracking kept an earlier step than the last, then ("last", run_dir)."""
     best = Path(run_dir) / "best"
-    return ([("best", best)] if best.is_dir() else []) + [("last", Path(run_dir))]
+    earlier = best.is_dir() and json.loads((best / "best.json").read_text())["step"] < last_step
+    return ([("best", best)] if earlier else []) + [("last", Path(run_dir))]
 
 
 def evaluate_subject_method(method: str, subject: str, out_dir: str | Path, config_dir: str | Path = "configs",
@@ -145,7 +154,7 @@ def evaluate_subject_method(method: str, subject: str, out_dir: str | Path, conf
                         "backgrounds": list(UNSEEN_BACKGROUNDS)},
                "base_unrelated_accuracy": base_accuracy}
     rows = [before]
-    for which, folder in adapter_folders(result.run_dir):
+    for which, folder in adapter_folders(result.run_dir, cfg.train.steps):
         adapted = load_pipeline("builtin:toy", device="cpu", dtype="fp32")
         load_adapter(adapted, folder)
         images = generate_images(adapted, prompts, seeds, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE)

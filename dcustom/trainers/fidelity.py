@@ -51,8 +51,10 @@ class FidelityConfig:
     keep_best: bool = opt(True, "Keep the best step's adapter files in best/ beside the last ones.")
 
 
-def make_judge(cfg: FidelityConfig, model: str, texts: list[str], reference_images: list, validation_prompts: list):
-    """(judge or None, reason). `texts` are the training captions and prompts (to find a toy subject)."""
+def make_judge(cfg: FidelityConfig, model: str, texts: list[str], reference_images: list, validation_prompts: list,
+               thing: Optional[str] = None):
+    """(judge or None, reason). `texts` are the training captions and prompts (to find a toy subject); `thing`, the
+    words the toy judge's prompts name the subject by (None: its trigger phrase, e.g. 'qrv robot')."""
     kind = cfg.judge
     subject = cfg.subject or _subject_from_triggers(texts)
     if kind == "auto":
@@ -61,7 +63,7 @@ def make_judge(cfg: FidelityConfig, model: str, texts: list[str], reference_imag
         if not subject:
             raise DcustomError("fidelity.judge is toy but no subject is known: set fidelity.subject (robot, ladybug, "
                                "pine) or put its trigger word (sks, zwx, qrv) in the captions.")
-        return ToyJudge(subject, cfg), None
+        return ToyJudge(subject, cfg, thing), None
     if kind == "features":
         if not cfg.feature_model:
             raise DcustomError("fidelity.judge is features but fidelity.feature_model is not set; give a local folder "
@@ -102,11 +104,11 @@ class ToyJudge:
 
     name = "toy"
 
-    def __init__(self, subject: str, cfg: FidelityConfig):
+    def __init__(self, subject: str, cfg: FidelityConfig, thing: Optional[str] = None):
         from dcustom.toyworld.subjects import trigger_phrase
 
         self.subject, self.cfg = subject, cfg
-        phrase = trigger_phrase(subject)
+        phrase = thing or trigger_phrase(subject)
         self.prompts = list(cfg.prompts) or [f"a {phrase} on a {bg} background" for bg in UNSEEN_BACKGROUNDS]
 
     def measure(self, pipe, size: Optional[int] = None) -> dict:
@@ -216,6 +218,71 @@ class FeatureJudge:
                 scores["prompt_adherence"] = float((emb * text).sum(-1).mean())
         scores["select"] = scores["subject_fidelity"]
         return scores
+
+
+class FidelityTracking:
+    """What a subject trainer (a `SubjectMethod` whose config has `fidelity`, `model`, `data.instance_prompt` and
+    `validation_prompts`) adds for fidelity tracking: the judge, made once at setup (`_make_judge`); `validate` with
+    each sample; the best step's files in best/, written by the method's own `save(folder, best=True)`; and the best
+    step in each checkpoint, so a resumed run keeps comparing against it."""
+
+    judge = judge_reason = best = None
+
+    def _make_judge(self, thing: Optional[str] = None):
+        """`thing`: the words prompts name the subject by (textual inversion: its token); None: the toy trigger."""
+        import logging
+
+        from dcustom.data import open_rgb
+
+        cfg = self.cfg
+        texts = [ex.caption for ex in self.objective.examples] + [cfg.data.instance_prompt] + cfg.validation_prompts
+        references = [open_rgb(rec.path)[0] for rec in self.used] if cfg.fidelity.judge in ("auto", "features") \
+            and cfg.fidelity.feature_model else []
+        self.judge, self.judge_reason = make_judge(cfg.fidelity, cfg.model, texts, references, cfg.validation_prompts,
+                                                   thing=thing)
+        if self.judge_reason:
+            logging.getLogger("dcustom.train").warning("%s", self.judge_reason)
+
+    def validate(self, step: int, run_dir: Path):
+        """Subject fidelity and prompt adherence at `step`; keeps best/ up to date."""
+        if self.judge is None:  # said once, in the log and in events.jsonl
+            reason, self.judge_reason = self.judge_reason, None
+            return {"judge": "none", "reason": reason} if reason else None
+        unet = self.pipe.unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            with self.ctx.accelerator.autocast():
+                scores = self.judge.measure(self.pipe, size=self.objective.resolution)
+        finally:
+            unet.train(was_training)
+        if self.cfg.fidelity.keep_best and (self.best is None or scores["select"] > self.best["score"]):
+            self.best = {"step": step, "score": scores["select"]}
+            self._save_best(Path(run_dir))
+        if self.best is not None:
+            scores["best_step"] = self.best["step"]
+        plot_validation(Path(run_dir) / "events.jsonl", Path(run_dir) / "validation.png", {"step": step, **scores})
+        return scores
+
+    def _save_best(self, run_dir: Path):
+        """The files as they are now into run_dir/best (a temp folder renamed over the old one)."""
+        import json
+        import shutil
+
+        tmp, best = run_dir / ".best.tmp", run_dir / "best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        self.save(tmp, best=True)
+        (tmp / "best.json").write_text(json.dumps(self.best))
+        if best.exists():
+            shutil.rmtree(best)
+        tmp.rename(best)
+
+    def extra_state(self) -> dict:
+        return {"best": self.best}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.best = state.get("best")
 
 
 def plot_validation(events_file: Path, out: Path, current: Optional[dict] = None) -> Optional[Path]:

@@ -9,7 +9,6 @@ settings, checks, files). What is left here is the order of the steps and the op
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from dcustom.adapters.files import dcustom_metadata
 from dcustom.config import to_dict
 from dcustom.trainers.adapter.config import AdapterTrainConfig
 from dcustom.trainers.denoising import DenoisingObjective, SubjectMethod
+from dcustom.trainers.fidelity import FidelityTracking
 from dcustom.trainers.loop import LoopContext, run_training
 from dcustom.trainers.peft_adapters import (
     TEXT_ENCODER_TARGETS,
@@ -48,13 +48,12 @@ def text_encoder_alpha(cfg) -> float:
     return float(cfg.scale_alpha if cfg.text_encoder_alpha is None else cfg.text_encoder_alpha)
 
 
-class AdapterMethod(SubjectMethod):
+class AdapterMethod(FidelityTracking, SubjectMethod):
     def __init__(self, cfg: AdapterTrainConfig, pipe=None):
         self.cfg = cfg
         self.objective = DenoisingObjective(cfg.model, cfg.data, cfg.min_snr_gamma, cfg.noise_offset, pipe,
                                             keep_prompts=cfg.keep_prompts, keep_weight=cfg.keep_weight)
         self.extraction_error = self.extraction_worst = None
-        self.judge, self.judge_reason, self.best = None, None, None
 
     # --- loop interface -------------------------------------------------------------------
     def setup(self, ctx: LoopContext):
@@ -99,18 +98,6 @@ class AdapterMethod(SubjectMethod):
             self._make_judge()
         return list(range(len(self.objective.examples)))
 
-    def _make_judge(self):
-        from dcustom.data import open_rgb
-        from dcustom.trainers.fidelity import make_judge
-
-        cfg = self.cfg
-        texts = [ex.caption for ex in self.objective.examples] + [cfg.data.instance_prompt] + cfg.validation_prompts
-        references = [open_rgb(rec.path)[0] for rec in self.used] if cfg.fidelity.judge in ("auto", "features") \
-            and cfg.fidelity.feature_model else []
-        self.judge, self.judge_reason = make_judge(cfg.fidelity, cfg.model, texts, references, cfg.validation_prompts)
-        if self.judge_reason:
-            log.warning("%s", self.judge_reason)
-
     def trainable_parameters(self):
         named = {f"unet.{n}": p for n, p in self.pipe.unet.named_parameters() if p.requires_grad}
         if self.train_te:
@@ -144,48 +131,6 @@ class AdapterMethod(SubjectMethod):
     def sample(self, step: int, folder: Path) -> list[Path]:
         return self.objective.render_samples(folder, self.cfg.validation_prompts, self.cfg.sample_steps,
                                              self.cfg.sample_seed)
-
-    def validate(self, step: int, run_dir: Path):
-        """Subject fidelity and prompt adherence at `step` (see trainers/fidelity.py); keeps best/ up to date."""
-        from dcustom.trainers.fidelity import plot_validation
-
-        if self.judge is None:  # said once, in the log and in events.jsonl
-            reason, self.judge_reason = self.judge_reason, None
-            return {"judge": "none", "reason": reason} if reason else None
-        unet = self.pipe.unet
-        was_training = unet.training
-        unet.eval()
-        try:
-            with self.ctx.accelerator.autocast():
-                scores = self.judge.measure(self.pipe, size=self.objective.resolution)
-        finally:
-            unet.train(was_training)
-        if self.cfg.fidelity.keep_best and (self.best is None or scores["select"] > self.best["score"]):
-            self.best = {"step": step, "score": scores["select"]}
-            self._save_best(Path(run_dir))
-        if self.best is not None:
-            scores["best_step"] = self.best["step"]
-        plot_validation(Path(run_dir) / "events.jsonl", Path(run_dir) / "validation.png", {"step": step, **scores})
-        return scores
-
-    def _save_best(self, run_dir: Path):
-        """The adapter as it is now into run_dir/best (a temp folder renamed over the old one)."""
-        import shutil
-
-        tmp, best = run_dir / ".best.tmp", run_dir / "best"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        self.save(tmp, best=True)
-        (tmp / "best.json").write_text(json.dumps(self.best))
-        if best.exists():
-            shutil.rmtree(best)
-        tmp.rename(best)
-
-    def extra_state(self) -> dict:
-        return {"best": self.best}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.best = state.get("best")
 
 
 def train(cfg: AdapterTrainConfig, pipe=None, on_event=None, should_stop=None, progress: bool = True):

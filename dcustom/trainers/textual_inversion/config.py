@@ -13,6 +13,7 @@ from typing import ClassVar, Literal, Optional
 
 from dcustom.config import opt
 from dcustom.data import DataConfig
+from dcustom.trainers.fidelity import FidelityConfig
 from dcustom.trainers.loop import LoopConfig
 from dcustom.trainers.peft_adapters import ATTN_TARGETS, LoraAdapterConfig
 
@@ -56,11 +57,17 @@ class TextualInversionTrainConfig:
     embedding_fraction: float = opt(1.0, "Share of the steps during which the vectors train (pivotal tuning: e.g. 0.5); then they are frozen.")
     adapter_options: PivotalAdapterConfig = opt(PivotalAdapterConfig(), "The adapter of pivotal tuning: where it goes, when it starts.")
     lora: LoraAdapterConfig = opt(LoraAdapterConfig(rank=8, alpha=8.0), "The LoRA of pivotal tuning (adapter lora).")
+    keep_prompts: list = opt([], "Pivotal tuning: prompts without the tokens whose predictions stay the base model's "
+                                 "while the adapter trains (the adapter trainer's keep_prompts; the vectors alone never "
+                                 "change them). Empty disables it.")
+    keep_weight: float = opt(1.0, "Weight of that loss.", ge=0)
     min_snr_gamma: Optional[float] = opt(5.0, "Min-SNR-gamma loss weighting (null disables).", gt=0)
     noise_offset: float = opt(0.0, "Noise offset (e.g. 0.05); 0 disables.", ge=0)
     validation_prompts: list = opt(["a photo of <toy-subject> on a striped background"], "Prompts rendered as samples (every train.sample_every steps and at the end).")
     sample_steps: int = opt(25, "Sampling steps for validation images.", ge=1)
     sample_seed: int = opt(1234, "Seed of the validation images.", ge=0)
+    fidelity: FidelityConfig = opt(FidelityConfig(), "Subject fidelity with each sample (its prompts name the subject by "
+                                                      "the first token), and the best step's files kept in best/.")
 
     def __post_init__(self):
         if self.train.steps < 1:

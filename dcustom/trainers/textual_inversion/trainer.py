@@ -27,6 +27,7 @@ from pathlib import Path
 from dcustom.config import to_dict
 from dcustom.errors import DcustomError
 from dcustom.trainers.denoising import DenoisingObjective, SubjectMethod
+from dcustom.trainers.fidelity import FidelityTracking
 from dcustom.trainers.loop import LoopContext, run_training
 from dcustom.trainers.peft_adapters import check_targets, lora_config, oft_config, peft_version, save_adapter_files
 from dcustom.trainers.textual_inversion.config import TextualInversionTrainConfig
@@ -70,10 +71,13 @@ def pivotal_peft_config(cfg: TextualInversionTrainConfig):
     raise DcustomError(f"adapter: {cfg.adapter!r} is not known; accepted: none, lora, oft.")
 
 
-class TextualInversionMethod(SubjectMethod):
+class TextualInversionMethod(FidelityTracking, SubjectMethod):
     def __init__(self, cfg: TextualInversionTrainConfig, pipe=None):
         self.cfg = cfg
-        self.objective = DenoisingObjective(cfg.model, cfg.data, cfg.min_snr_gamma, cfg.noise_offset, pipe)
+        # The hold on prompts without the tokens only matters with an adapter: the vectors never reach them.
+        keep = cfg.keep_prompts if cfg.adapter != "none" else ()
+        self.objective = DenoisingObjective(cfg.model, cfg.data, cfg.min_snr_gamma, cfg.noise_offset, pipe,
+                                            keep_prompts=keep, keep_weight=cfg.keep_weight)
         self.adapter_params = {}  # the pivotal-tuning adapter's parameters (empty without one)
         self.frozen_deltas = None
         self.held_adapter = None
@@ -103,6 +107,8 @@ class TextualInversionMethod(SubjectMethod):
         if cfg.data.prior.enabled:
             self.objective.prepare_class_examples()
         self.embedding_steps = round(cfg.embedding_fraction * ctx.cfg.steps)
+        if ctx.is_main:
+            self._make_judge(thing=cfg.tokens[0])
         return list(range(len(self.objective.examples)))
 
     def trainable_parameters(self):
@@ -137,7 +143,7 @@ class TextualInversionMethod(SubjectMethod):
                     self.held_adapter = None
         self._write_rows()
 
-    def save(self, folder: Path) -> list[Path]:
+    def save(self, folder: Path, best: bool = False) -> list[Path]:
         from dcustom.adapters.embeddings import save_embedding
         from dcustom.adapters.files import dcustom_metadata
 
@@ -154,6 +160,7 @@ class TextualInversionMethod(SubjectMethod):
             adapter_meta = dcustom_metadata(cfg.adapter, cfg.model, family, to_dict(cfg), cfg.adapter,
                                             peft_version=peft_version())
             final = Path(folder) == Path(self.ctx.cfg.output_dir)  # checkpoints get the adapter only
+            final = final or (best and cfg.adapter == "lora")  # best/ gets the kohya file other tools load
             out += save_adapter_files(folder, self.pipe, family, cfg.adapter, adapter_meta, final=final,
                                       dora=cfg.lora.dora, write_kohya=cfg.adapter_options.write_kohya).paths
         return out
