@@ -47,6 +47,7 @@ def test_toy_judge_scores_every_sample_step_and_keeps_the_best_adapter(images, t
         assert v["judge"] == "toy" and v["subject"] == "robot" and v["images"] == 3 + 6  # sks = the robot's trigger; + KEPT_PROMPTS
         assert {"subject_train", "prompt_train", "both_train", "subject_eval", "prompt_eval", "both_eval", "kept_train",
                 "kept_eval"} <= set(v)
+        assert 0.0 <= v["kept_train_p"] <= 1.0 and 0.0 <= v["kept_eval_p"] <= 1.0
         # J_train selects by its probability of the subject where the background is right; J_eval only reports
         assert 0.0 <= v["select"] <= min(v["prompt_train"], v["kept_train"])
         assert v["select"] > 0 or v["both_train"] == 0 or v["kept_train"] == 0

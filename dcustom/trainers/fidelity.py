@@ -20,6 +20,7 @@ Without either, training says once why nothing is measured.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -126,6 +127,10 @@ class ToyJudge:
             kept = judge.predict(kept_images)
             scores[f"kept_{kind}"] = sum(all(kept[h]["labels"][i] == w[h] for h in w)
                                          for i, w in enumerate(wanted)) / len(kept_images)
+            # The same as a probability (each image: the product over its heads of the judge's probability of the
+            # wanted label): reported, so a selection that the 12 kept images' labels cannot separate can be studied.
+            scores[f"kept_{kind}_p"] = sum(math.prod(float(kept[h]["probs"][i, HEADS[h].index(w[h])]) for h in w)
+                                           for i, w in enumerate(wanted)) / len(kept_images)
             preds = judge.predict(images)
             subj = [label == self.subject for label in preds["subject"]["labels"]]
             bg = [b is None or label == b for label, b in zip(preds["background"]["labels"], backgrounds)]
