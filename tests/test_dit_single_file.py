@@ -12,6 +12,11 @@ from dcustom.single_file import save_single_file, single_file_state
 from dcustom.single_file.dit import DIT_PREFIX, transformer_to_original
 from dcustom.single_file.dit_load import dit_family_of_keys
 
+# The weights are compared bit for bit (_assert_same_weights). The images of two pipelines with identical weights
+# matched exactly on earlier machines but differed by 2e-6 on one (SD3 and FLUX, repeatably), so the CPU's kernels,
+# not the files, decide the last bits. A wrong config or component differs by far more.
+SAME_IMAGE = 1e-5
+
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 # names the community's all-in-one files carry (ComfyUI, Stability's *_incl_clips*, BFL's transformer)
 LAYOUT = {
@@ -66,7 +71,7 @@ def test_one_file_round_trip_draws_the_same_image(kind, cls, tmp_path):
     again = load_pipeline(str(path), device="cpu")  # no config: the file's shapes are tiny:<kind>'s, built offline
     assert type(again).__name__ == cls and family_of(again).name == kind
     _assert_same_weights(pipe, again)
-    assert np.abs(_image(pipe) - _image(again)).max() == 0.0  # exact: every weight is bit-identical
+    assert np.abs(_image(pipe) - _image(again)).max() < SAME_IMAGE
 
 
 def test_configs_from_a_given_folder_and_a_transformer_only_file(tmp_path):
@@ -78,7 +83,7 @@ def test_configs_from_a_given_folder_and_a_transformer_only_file(tmp_path):
     assert dit_family_of_keys(state) == "flux"
     again = load_pipeline(str(tmp_path / "flux1-tiny.safetensors"), device="cpu", config=str(tmp_path / "model"))
     _assert_same_weights(pipe, again)
-    assert np.abs(_image(pipe) - _image(again)).max() == 0.0
+    assert np.abs(_image(pipe) - _image(again)).max() < SAME_IMAGE
     with pytest.raises(DcustomError) as excinfo:  # a folder of configs only cannot give the other components
         load_pipeline(str(tmp_path / "flux1-tiny.safetensors"), config=str(_configs(tmp_path)))
     assert "does not hold the text_encoder and the folder" in _one_sentence(excinfo, tmp_path / "flux1-tiny.safetensors")

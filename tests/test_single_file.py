@@ -8,6 +8,11 @@ from dcustom.errors import DcustomError
 from dcustom.models import load_pipeline
 from dcustom.single_file import save_single_file, single_file_state
 
+# The weights are compared bit for bit (_assert_same_weights). The images of two pipelines with identical weights
+# matched exactly on earlier machines but differed by 2e-6 on one (SD3 and FLUX, repeatably), so the CPU's kernels,
+# not the files, decide the last bits. A wrong config or component differs by far more.
+SAME_IMAGE = 1e-5
+
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
@@ -44,7 +49,7 @@ def test_single_file_round_trip(kind, tmp_path):
     assert type(again) is type(pipe) and family_of(again).name == family_of(pipe).name
     assert prediction_type(again) == prediction_type(pipe)
     _assert_same_weights(pipe, again)
-    assert np.abs(_image(pipe) - _image(again)).max() == 0.0
+    assert np.abs(_image(pipe) - _image(again)).max() < SAME_IMAGE
 
 
 def test_sd2_text_encoder_is_written_as_open_clip_with_the_dropped_last_block():
@@ -125,7 +130,7 @@ def test_sdxl_with_distinct_text_widths_loads_with_plain_diffusers(tmp_path):
     again = StableDiffusionXLPipeline.from_single_file(str(path), config=str(tmp_path / "configs"), local_files_only=True)
     again.set_progress_bar_config(disable=True)
     _assert_same_weights(pipe, again)
-    assert np.abs(_image(pipe) - _image(again)).max() == 0.0
+    assert np.abs(_image(pipe) - _image(again)).max() < SAME_IMAGE
 
 
 def test_single_file_export_refuses_other_pipelines(tmp_path):
